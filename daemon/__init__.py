@@ -1,0 +1,1 @@
+"""The KSI daemon: newline-delimited JSON commands over a Unix socket."""

@@ -1,0 +1,198 @@
+"""Handlers of the daemon's commands.
+
+Each handler takes the request's params and returns the reply's result, or
+raises ProtocolError. Redis calls are blocking, so handlers run them in a
+thread with ``asyncio.to_thread`` and the event loop keeps serving others.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import time
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import redis
+
+from ksi_worker.lifecycle import EventType, TaskStatus
+from ksi_worker.presence import live_workers
+from ksi_worker.queues import queue_depth
+from ksi_worker.settings import Settings
+from ksi_worker.store import TaskStore, new_task_id, public_record
+
+from .protocol import (
+    ID_PATTERN,
+    ProtocolError,
+    invalid,
+    optional_number,
+    reject_unknown,
+    require_str,
+    validate_task_params,
+)
+
+logger = logging.getLogger(__name__)
+
+Handler = Callable[[dict[str, Any]], Awaitable[dict[str, Any]]]
+
+#: States from which CANCEL_TASK ends a task at once, before it starts.
+CANCELLABLE_BEFORE_START = (TaskStatus.QUEUED, TaskStatus.RETRYING)
+
+
+class Commands:
+    """The daemon's command table.
+
+    Parameters:
+      settings: Bundle settings.
+      store: Task store on the bundle's Redis.
+      send_task: Enqueues the Dramatiq message of a task id.
+    """
+
+    def __init__(
+        self,
+        settings: Settings,
+        store: TaskStore,
+        send_task: Callable[[str], None],
+    ) -> None:
+        self.settings = settings
+        self.store = store
+        self.send_task = send_task
+        self.started_at = time.time()
+        self.connections = 0
+        self.table: dict[str, Handler] = {
+            "QUEUE_TASK": self.queue_task,
+            "TASK_STATUS": self.task_status,
+            "LIST_TASKS": self.list_tasks,
+            "CANCEL_TASK": self.cancel_task,
+            "HEALTH_CHECK": self.health_check,
+        }
+
+    async def queue_task(self, params: dict[str, Any]) -> dict[str, Any]:
+        fields = validate_task_params(params)
+        task_id = new_task_id()
+        await asyncio.to_thread(self.store.create, task_id, fields)
+        try:
+            await asyncio.to_thread(self.send_task, task_id)
+        except Exception as error:
+            # The record exists but no message carries it: end it as failed so
+            # the client sees the loss instead of a task queued forever.
+            logger.error("Task %s could not be enqueued: %s", task_id, error)
+            await asyncio.to_thread(
+                self.store.transition,
+                task_id,
+                allowed_from=(TaskStatus.QUEUED,),
+                fields={
+                    "status": TaskStatus.FAILED.value,
+                    "error": f"enqueue_failed: {error}",
+                    "error_class": "enqueue_failed",
+                    "finished_at": time.time(),
+                },
+                event_type=EventType.TASK_FAILED,
+                payload={"error_class": "enqueue_failed"},
+            )
+            raise ProtocolError(
+                "UNAVAILABLE", f"task {task_id} could not be enqueued: {error}"
+            ) from None
+        logger.info(
+            "Task %s queued (%d prompt bytes, model %s).",
+            task_id,
+            fields["prompt_bytes"],
+            fields.get("model") or self.settings.model,
+        )
+        return {"task_id": task_id, "status": TaskStatus.QUEUED.value}
+
+    async def task_status(self, params: dict[str, Any]) -> dict[str, Any]:
+        reject_unknown(params, {"task_id"})
+        task_id = require_str(params, "task_id", ID_PATTERN)
+        record = await asyncio.to_thread(self.store.get, task_id)
+        if record is None:
+            raise ProtocolError("NOT_FOUND", f"task {task_id} not found")
+        return public_record(record)
+
+    async def list_tasks(self, params: dict[str, Any]) -> dict[str, Any]:
+        reject_unknown(params, {"status", "limit"})
+        status = params.get("status")
+        if status is not None and status not in {s.value for s in TaskStatus}:
+            raise invalid(
+                f"status={status!r} is not a task state; use one of "
+                f"{', '.join(s.value for s in TaskStatus)}"
+            )
+        limit = optional_number(params, "limit", minimum=1, maximum=1000, integer=True)
+        tasks = await asyncio.to_thread(
+            self.store.list, status=status, limit=int(limit or 50)
+        )
+        return {"tasks": tasks}
+
+    async def cancel_task(self, params: dict[str, Any]) -> dict[str, Any]:
+        reject_unknown(params, {"task_id"})
+        task_id = require_str(params, "task_id", ID_PATTERN)
+        applied, before, _ = await asyncio.to_thread(
+            self.store.transition,
+            task_id,
+            allowed_from=CANCELLABLE_BEFORE_START,
+            fields={
+                "status": TaskStatus.CANCELLED.value,
+                "finished_at": time.time(),
+            },
+            event_type=EventType.TASK_CANCELLED,
+            payload={"status": TaskStatus.CANCELLED.value, "before_start": True},
+        )
+        if before is None:
+            raise ProtocolError("NOT_FOUND", f"task {task_id} not found")
+        if applied:
+            logger.info("Task %s cancelled before it started.", task_id)
+            return {"task_id": task_id, "status": TaskStatus.CANCELLED.value}
+        if before.is_terminal:
+            raise ProtocolError(
+                "ALREADY_ENDED", f"task {task_id} already ended {before.value}"
+            )
+        # Running: the worker polls this flag and kills the task's tree.
+        await asyncio.to_thread(
+            self.store.set_fields, task_id, {"cancel_requested": True}
+        )
+        logger.info("Task %s: cancel requested while running.", task_id)
+        return {"task_id": task_id, "status": "cancelling"}
+
+    async def health_check(self, params: dict[str, Any]) -> dict[str, Any]:
+        reject_unknown(params, set())
+        daemon = {
+            "pid": os.getpid(),
+            "uptime_s": round(time.time() - self.started_at, 1),
+            "connections": self.connections,
+        }
+        try:
+            redis_info, workers, depth = await asyncio.to_thread(self._redis_health)
+        except redis.RedisError as error:
+            return {
+                "status": "unavailable",
+                "problems": [
+                    f"Redis unreachable at {self.settings.redis_url}: {error}"
+                ],
+                "redis": {"ok": False, "error": str(error)},
+                "daemon": daemon,
+            }
+        problems = []
+        if not workers:
+            problems.append("no live worker; check `ksi-supervisorctl status`")
+        return {
+            "status": "degraded" if problems else "ok",
+            "problems": problems,
+            "redis": redis_info,
+            "live_workers": len(workers),
+            "workers": workers,
+            "queues": {self.settings.queue: depth},
+            "daemon": daemon,
+        }
+
+    def _redis_health(self) -> tuple[dict[str, Any], list[dict], dict[str, int]]:
+        client = self.store.client
+        started = time.perf_counter()
+        client.ping()
+        latency_ms = (time.perf_counter() - started) * 1000
+        redis_info = {"ok": True, "latency_ms": round(latency_ms, 2)}
+        return (
+            redis_info,
+            live_workers(client),
+            queue_depth(client, self.settings.queue),
+        )

@@ -1,0 +1,1 @@
+"""KSI workers: the Dramatiq broker, the Claude actor, and the runner."""

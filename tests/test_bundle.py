@@ -1,0 +1,91 @@
+"""The whole ksi:* bundle under supervisord, running the real Claude CLI."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+
+import pytest
+import redis
+
+from ksi_worker import keys
+from tests.bundle import BIN
+
+pytestmark = [pytest.mark.bundle, pytest.mark.timeout(300)]
+
+
+def test_all_programs_running(bundle):
+    states = bundle.program_states()
+    assert {name: states.get(name) for name in bundle.expected_programs()} == {
+        name: "RUNNING" for name in bundle.expected_programs()
+    }
+
+
+def test_five_tasks_end_to_end(bundle):
+    task_ids = []
+    for n in range(5):
+        submitted = bundle.ksi("submit", "--json", f"question number {n}\nmore text")
+        assert submitted.returncode == 0, submitted.stderr
+        reply = json.loads(submitted.stdout)
+        assert reply["status"] == "queued"
+        task_ids.append(reply["task_id"])
+
+    for n, task_id in enumerate(task_ids):
+        waited = bundle.ksi("wait", "--timeout", "120", task_id)
+        assert waited.returncode == 0, waited.stderr + bundle.logs_tail()
+        assert waited.stdout.strip() == f"stub answer: question number {n}"
+
+        record = json.loads(bundle.ksi("status", "--json", task_id).stdout)
+        assert record["status"] == "succeeded"
+        assert record["attempt"] == 1
+        assert record["result"] == f"stub answer: question number {n}"
+        assert record["claude_session_id"]
+        assert record["cost_usd"] > 0
+        assert record["error"] is None
+        assert record["finished_at"] >= record["started_at"] >= record["created_at"]
+
+
+def test_submit_wait_prints_answer(bundle):
+    done = bundle.ksi("submit", "--wait", "say hello")
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "stub answer: say hello"
+
+
+def test_events_of_a_task_in_order(bundle):
+    task_id = json.loads(bundle.ksi("submit", "--json", "events please").stdout)[
+        "task_id"
+    ]
+    assert bundle.ksi("wait", task_id).returncode == 0
+
+    client = redis.Redis.from_url(f"unix://{bundle.home}/run/redis.sock?db=0")
+    types = [
+        fields[b"event_type"].decode()
+        for _, fields in client.xrange(keys.EVENT_STREAM)
+        if fields[b"task_id"] == task_id.encode()
+    ]
+    assert types == ["TASK_QUEUED", "TASK_STARTED", "TASK_COMPLETED"]
+
+
+def test_non_retryable_failure_is_reported(bundle):
+    done = bundle.ksi("submit", "--wait", "--json", "nope [stub:status=401]")
+    assert done.returncode == 1
+    record = json.loads(done.stdout)
+    assert record["status"] == "failed"
+    assert record["error_class"] == "authentication"
+    assert record["http_status"] == 401
+    assert record["attempt"] == 1
+
+
+def test_health_sees_workers(bundle):
+    report = json.loads(bundle.ksi("health", "--json").stdout)
+    assert report["status"] == "ok"
+    assert report["live_workers"] == 2
+
+
+def test_unreachable_daemon_message(bundle, tmp_path):
+    env = {**bundle.env, "KSI_HOME": str(tmp_path)}
+    done = subprocess.run(
+        [BIN / "ksi", "health"], env=env, capture_output=True, text=True
+    )
+    assert done.returncode == 3
+    assert "ksi-supervisord" in done.stderr

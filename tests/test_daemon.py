@@ -1,0 +1,172 @@
+"""The daemon over its Unix socket, with a real Redis and no workers."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import redis
+
+from daemon.client import CommandError, DaemonClient
+from ksi_worker import keys
+from ksi_worker.queues import queue_depth
+
+
+@pytest.fixture
+def daemon(redis_server) -> Iterator[Path]:
+    """Run ``python -m daemon`` on a private Redis; yield its socket path."""
+    home = Path(tempfile.mkdtemp(prefix="ksi-d-", dir="/tmp"))
+    env = {**os.environ, "KSI_HOME": str(home), "KSI_REDIS_URL": redis_server}
+    process = subprocess.Popen(
+        [sys.executable, "-m", "daemon"],
+        env=env,
+        stderr=open(home / "daemon.log", "wb"),  # noqa: SIM115
+    )
+    sock = home / "run" / "ksi.sock"
+    deadline = time.monotonic() + 15
+    while not sock.exists():
+        assert process.poll() is None, (home / "daemon.log").read_text()
+        assert time.monotonic() < deadline, "daemon socket never appeared"
+        time.sleep(0.05)
+    try:
+        yield sock
+    finally:
+        process.terminate()
+        assert process.wait(timeout=10) == 0
+
+
+def _raw(sock_path: Path, payload: bytes) -> list[dict]:
+    """Send raw bytes, then read one reply line per request line."""
+    with socket.socket(socket.AF_UNIX) as sock:
+        sock.settimeout(10)
+        sock.connect(str(sock_path))
+        sock.sendall(payload)
+        reader = sock.makefile("rb")
+        return [json.loads(reader.readline()) for _ in payload.splitlines()]
+
+
+def test_queue_task_returns_id_and_queued(daemon, redis_server):
+    with DaemonClient(daemon) as client:
+        reply = client.request("QUEUE_TASK", prompt="hello")
+    assert reply["status"] == "queued"
+    assert len(reply["task_id"]) == 32
+    depth = queue_depth(redis.Redis.from_url(redis_server), "claude")
+    assert depth["ready"] == 1
+
+
+def test_task_status_hides_prompt(daemon):
+    with DaemonClient(daemon) as client:
+        task_id = client.request("QUEUE_TASK", prompt="secret words")["task_id"]
+        record = client.request("TASK_STATUS", task_id=task_id)
+    assert record["status"] == "queued"
+    assert record["attempt"] == 0
+    assert "prompt" not in record
+    assert "secret words" not in json.dumps(record)
+
+
+def test_queue_task_emits_queued_event(daemon, redis_server):
+    with DaemonClient(daemon) as client:
+        task_id = client.request("QUEUE_TASK", prompt="hello")["task_id"]
+    entries = redis.Redis.from_url(redis_server).xrange(keys.EVENT_STREAM)
+    fields = entries[-1][1]
+    assert fields[b"event_type"] == b"TASK_QUEUED"
+    assert fields[b"task_id"] == task_id.encode()
+
+
+def test_bad_requests_get_errors_and_connection_stays_open(daemon):
+    lines = [
+        b"{broken",
+        b'{"command": "NOPE"}',
+        b'{"command": "QUEUE_TASK", "params": {"prompt": 3}}',
+        b'{"command": "QUEUE_TASK", "params": {"prompt": "x", "timeout_s": -1}}',
+        b'{"id": "last", "command": "HEALTH_CHECK"}',
+    ]
+    replies = _raw(daemon, b"\n".join(lines) + b"\n")
+    codes = [reply.get("error", {}).get("code") for reply in replies]
+    assert codes == [
+        "INVALID_JSON",
+        "UNKNOWN_COMMAND",
+        "INVALID_PARAMS",
+        "INVALID_PARAMS",
+        None,
+    ]
+    assert "prompt" in replies[2]["error"]["message"]
+    assert "timeout_s" in replies[3]["error"]["message"]
+    assert replies[4]["id"] == "last"
+    assert replies[4]["status"] == "ok"
+
+
+def test_unknown_task_is_not_found(daemon):
+    with DaemonClient(daemon) as client, pytest.raises(CommandError) as info:
+        client.request("TASK_STATUS", task_id="nope")
+    assert info.value.code == "NOT_FOUND"
+
+
+def test_cancel_queued_task(daemon):
+    with DaemonClient(daemon) as client:
+        task_id = client.request("QUEUE_TASK", prompt="hello")["task_id"]
+        reply = client.request("CANCEL_TASK", task_id=task_id)
+        record = client.request("TASK_STATUS", task_id=task_id)
+        with pytest.raises(CommandError) as again:
+            client.request("CANCEL_TASK", task_id=task_id)
+    assert reply["status"] == "cancelled"
+    assert record["status"] == "cancelled"
+    assert again.value.code == "ALREADY_ENDED"
+    assert "cancelled" in again.value.message
+
+
+def test_list_tasks_newest_first_with_filter(daemon):
+    with DaemonClient(daemon) as client:
+        first = client.request("QUEUE_TASK", prompt="one")["task_id"]
+        second = client.request("QUEUE_TASK", prompt="two")["task_id"]
+        client.request("CANCEL_TASK", task_id=first)
+        listed = client.request("LIST_TASKS")["tasks"]
+        cancelled = client.request("LIST_TASKS", status="cancelled")["tasks"]
+    assert [t["task_id"] for t in listed[:2]] == [second, first]
+    assert [t["task_id"] for t in cancelled] == [first]
+
+
+def test_health_reports_no_workers(daemon):
+    with DaemonClient(daemon) as client:
+        report = client.request("HEALTH_CHECK")
+    assert report["redis"]["ok"] is True
+    assert report["live_workers"] == 0
+    assert report["status"] == "degraded"
+    assert report["queues"]["claude"] == {"ready": 0, "delayed": 0, "dead": 0}
+
+
+def test_health_reports_redis_down(daemon, redis_server):
+    redis.Redis.from_url(redis_server).shutdown(nosave=True)
+    with DaemonClient(daemon) as client:
+        report = client.request("HEALTH_CHECK")
+        with pytest.raises(CommandError) as info:
+            client.request("QUEUE_TASK", prompt="x")
+    assert report["status"] == "unavailable"
+    assert report["redis"]["ok"] is False
+    assert info.value.code == "UNAVAILABLE"
+
+
+def test_overlong_line_gets_error_then_close(daemon):
+    with socket.socket(socket.AF_UNIX) as sock:
+        sock.settimeout(10)
+        sock.connect(str(daemon))
+        try:
+            sock.sendall(b"x" * (3 * 1024 * 1024))
+        except (BrokenPipeError, ConnectionResetError):
+            pass
+        reply = json.loads(sock.makefile("rb").readline())
+    assert reply["error"]["code"] == "LINE_TOO_LONG"
+    with DaemonClient(daemon) as client:
+        assert client.request("HEALTH_CHECK")["redis"]["ok"] is True
+
+
+def test_socket_mode_is_owner_only(daemon):
+    assert daemon.stat().st_mode & 0o777 == 0o600
