@@ -2,21 +2,33 @@
 
 Exit codes: 0 success, 1 the task failed, 2 invalid usage, 3 the daemon is
 unreachable, 4 the task timed out, 5 the task was cancelled, 6 the daemon
-rejected the request.
+rejected the request, 130 waiting was interrupted with Ctrl-C (the task goes
+on).
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import sys
-import time
 from typing import Any, NoReturn
 
 import click
+from rich.console import Console
+from rich.live import Live
 
-from ksi_worker.settings import Settings
+from ksi_worker.settings import Settings, SettingsError
 
 from .client import CommandError, DaemonClient, DaemonUnavailable
+from .display import (
+    TaskView,
+    event_line,
+    event_text,
+    queue_lines,
+    queues_table,
+    tasks_table,
+)
+from .follow import EventFollower, wait_for_task
 
 EXIT_OK = 0
 EXIT_TASK_FAILED = 1
@@ -25,6 +37,7 @@ EXIT_UNREACHABLE = 3
 EXIT_TIMED_OUT = 4
 EXIT_CANCELLED = 5
 EXIT_REJECTED = 6
+EXIT_INTERRUPTED = 130
 
 EXIT_BY_STATUS = {
     "succeeded": EXIT_OK,
@@ -33,13 +46,18 @@ EXIT_BY_STATUS = {
     "cancelled": EXIT_CANCELLED,
 }
 
-#: Seconds between two status polls of ``--wait``.
-WAIT_POLL_S = 0.25
-
 
 def _fail(message: str, code: int) -> NoReturn:
     click.echo(f"ksi: {message}", err=True)
     sys.exit(code)
+
+
+def _fail_unreachable(error: Exception) -> NoReturn:
+    _fail(
+        f"{error}.\nStart the bundle with `ksi-supervisord` and check it with "
+        f"`ksi-supervisorctl status` (KSI_HOME={Settings.from_env().home}).",
+        EXIT_UNREACHABLE,
+    )
 
 
 def _connect() -> DaemonClient:
@@ -47,11 +65,7 @@ def _connect() -> DaemonClient:
     try:
         return DaemonClient(settings.daemon_socket)
     except DaemonUnavailable as error:
-        _fail(
-            f"{error}.\nStart the bundle with `ksi-supervisord` and check it with "
-            f"`ksi-supervisorctl status` (KSI_HOME={settings.home}).",
-            EXIT_UNREACHABLE,
-        )
+        _fail_unreachable(error)
 
 
 def _request(client: DaemonClient, command: str, **params: Any) -> dict[str, Any]:
@@ -67,18 +81,57 @@ def _print_json(value: Any) -> None:
     click.echo(json.dumps(value, indent=2, sort_keys=True))
 
 
-def _wait(client: DaemonClient, task_id: str, timeout_s: float | None) -> dict:
-    deadline = None if timeout_s is None else time.monotonic() + timeout_s
-    while True:
-        record = _request(client, "TASK_STATUS", task_id=task_id)
-        if record["status"] in EXIT_BY_STATUS:
-            return record
-        if deadline is not None and time.monotonic() > deadline:
-            _fail(
-                f"task {task_id} is still {record['status']} after {timeout_s:g} s",
-                EXIT_TIMED_OUT,
+def _wait(
+    task_id: str,
+    timeout_s: float | None,
+    *,
+    since: str | None = None,
+    live: bool = False,
+) -> dict[str, Any]:
+    """Wait for a task's end through SUBSCRIBE; show its progress when live."""
+    socket_path = Settings.from_env().daemon_socket
+    try:
+        if not live:
+            return wait_for_task(socket_path, task_id, timeout_s=timeout_s, since=since)
+        view = TaskView(task_id)
+        if since is None:
+            with _connect() as client:
+                record = _request(client, "TASK_STATUS", task_id=task_id)
+            view.status, view.attempt = record["status"], record.get("attempt", 0)
+        with Live(get_renderable=view.render, refresh_per_second=4):
+            return wait_for_task(
+                socket_path,
+                task_id,
+                timeout_s=timeout_s,
+                since=since,
+                on_event=view.update,
             )
-        time.sleep(WAIT_POLL_S)
+    except TimeoutError:
+        _fail(f"task {task_id} did not end within {timeout_s:g} s", EXIT_TIMED_OUT)
+    except KeyboardInterrupt:
+        _fail(
+            f"interrupted; task {task_id} goes on (`ksi wait {task_id}` to follow "
+            f"it again, `ksi cancel {task_id}` to end it)",
+            EXIT_INTERRUPTED,
+        )
+    except CommandError as error:
+        _fail(
+            f"waiting for task {task_id}: {error.code}: {error.message}", EXIT_REJECTED
+        )
+    except DaemonUnavailable as error:
+        _fail_unreachable(error)
+
+
+def _stream_position(client: DaemonClient) -> str | None:
+    """Return the id of the newest event, or None if the daemon has no EVENTS_INFO."""
+    try:
+        return client.request("EVENTS_INFO")["last_id"]
+    except CommandError:
+        return None
+
+
+def _is_terminal() -> bool:
+    return sys.stdout.isatty()
 
 
 def _report(record: dict[str, Any], as_json: bool) -> NoReturn:
@@ -116,15 +169,31 @@ def main() -> None:
 )
 @click.option("--resume", "session_id", help="Claude session id to continue.")
 @click.option("--max-retries", type=int, help="Retries after a retryable failure.")
+@click.option("--retry-on-timeout", is_flag=True, help="Retry after a timeout.")
+@click.option("--agent", "agent_id", help="Agent id, for the per-agent start limit.")
+@click.option(
+    "--idempotency-key",
+    help="Queue at most one task per key within 24 h; repeats return its id.",
+)
+@click.option(
+    "--idle-timeout",
+    type=float,
+    help="Seconds without output from Claude after which the task ends timed_out "
+    "(default: KSI_IDLE_TIMEOUT_S).",
+)
 @click.option("--json", "as_json", is_flag=True, help="Print JSON for scripts.")
 def submit(
     prompt: str,
     wait: bool,
     model: str | None,
     timeout: float | None,
+    idle_timeout: float | None,
     allowed_tools: str | None,
     session_id: str | None,
     max_retries: int | None,
+    retry_on_timeout: bool,
+    agent_id: str | None,
+    idempotency_key: str | None,
     as_json: bool,
 ) -> None:
     """Queue PROMPT as a Claude task ('-' reads the prompt from stdin)."""
@@ -135,6 +204,8 @@ def submit(
         params["model"] = model
     if timeout is not None:
         params["timeout_s"] = timeout
+    if idle_timeout is not None:
+        params["idle_timeout_s"] = idle_timeout
     if allowed_tools:
         params["allowed_tools"] = [
             t.strip() for t in allowed_tools.split(",") if t.strip()
@@ -143,15 +214,24 @@ def submit(
         params["session_id"] = session_id
     if max_retries is not None:
         params["max_retries"] = max_retries
+    if retry_on_timeout:
+        params["retry_on_timeout"] = True
+    if agent_id:
+        params["agent_id"] = agent_id
+    if idempotency_key:
+        params["idempotency_key"] = idempotency_key
     with _connect() as client:
+        # Read before queueing, so the replay starts before TASK_QUEUED.
+        since = _stream_position(client) if wait else None
         queued = _request(client, "QUEUE_TASK", **params)
-        if not wait:
-            if as_json:
-                _print_json(queued)
-            else:
-                click.echo(queued["task_id"])
-            return
-        _report(_wait(client, queued["task_id"], None), as_json)
+    if not wait:
+        if as_json:
+            _print_json(queued)
+        else:
+            click.echo(queued["task_id"])
+        return
+    live = not as_json and _is_terminal()
+    _report(_wait(queued["task_id"], None, since=since, live=live), as_json)
 
 
 @main.command()
@@ -175,8 +255,8 @@ def status(task_id: str, as_json: bool) -> None:
 @click.option("--json", "as_json", is_flag=True, help="Print the final record as JSON.")
 def wait(task_id: str, timeout: float | None, as_json: bool) -> None:
     """Wait for task TASK_ID to end and print its answer."""
-    with _connect() as client:
-        _report(_wait(client, task_id, timeout), as_json)
+    live = not as_json and _is_terminal()
+    _report(_wait(task_id, timeout, live=live), as_json)
 
 
 @main.command()
@@ -208,6 +288,9 @@ def list_tasks(status_filter: str | None, limit: int, as_json: bool) -> None:
     if as_json:
         _print_json(tasks)
         return
+    if _is_terminal():
+        Console().print(tasks_table(tasks))
+        return
     for record in tasks:
         attempt = record.get("attempt", 0)
         click.echo(f"{record['task_id']}  {record['status']:<10}  attempt {attempt}")
@@ -233,3 +316,177 @@ def health(as_json: bool) -> None:
                     f"delayed, {depth['dead']} dead"
                 )
     sys.exit(EXIT_OK if report["status"] == "ok" else EXIT_TASK_FAILED)
+
+
+@main.command()
+@click.option("--json", "as_json", is_flag=True, help="Print the depths as JSON.")
+def queues(as_json: bool) -> None:
+    """Show how many messages each queue holds per state."""
+    with _connect() as client:
+        report = _request(client, "HEALTH_CHECK")
+    if "queues" not in report:
+        _fail(
+            "; ".join(report.get("problems") or ["no queue depths"]), EXIT_TASK_FAILED
+        )
+    if as_json:
+        _print_json(report["queues"])
+    elif _is_terminal():
+        Console().print(queues_table(report["queues"]))
+    else:
+        for line in queue_lines(report["queues"]):
+            click.echo(line)
+
+
+@main.command()
+@click.option(
+    "--type",
+    "event_types",
+    multiple=True,
+    help="Only events of this type, such as TASK_FAILED; repeat for more types.",
+)
+@click.option("--task", "task_id", help="Only events of this task.")
+@click.option(
+    "--since",
+    help="First replay the events after this stream id ('0': every stored event).",
+)
+@click.option("--count", type=int, help="Exit after this many events.")
+@click.option(
+    "--json", "as_json", is_flag=True, help="Print each event as a JSON line."
+)
+def watch(
+    event_types: tuple[str, ...],
+    task_id: str | None,
+    since: str | None,
+    count: int | None,
+    as_json: bool,
+) -> None:
+    """Follow the event stream until interrupted, across daemon restarts."""
+    follower = EventFollower(
+        Settings.from_env().daemon_socket,
+        event_types=list(event_types) or None,
+        task_id=task_id,
+        since=since,
+    )
+    console = Console() if _is_terminal() and not as_json else None
+    shown = 0
+    try:
+        for event in follower:
+            if as_json:
+                click.echo(json.dumps(event, separators=(",", ":")))
+            elif console is not None:
+                console.print(event_text(event))
+            else:
+                click.echo(event_line(event))
+            shown += 1
+            if count is not None and shown >= count:
+                break
+    except KeyboardInterrupt:
+        pass
+    except CommandError as error:
+        _fail(f"SUBSCRIBE rejected: {error.code}: {error.message}", EXIT_REJECTED)
+    except DaemonUnavailable as error:
+        _fail_unreachable(error)
+    if follower.trimmed:
+        click.echo(
+            f"ksi: some events after {since} may be missing: the stream was "
+            "trimmed to its length cap (KSI_EVENTS_MAXLEN) since then",
+            err=True,
+        )
+
+
+@main.command()
+@click.argument("task_id")
+@click.option("--json", "as_json", is_flag=True, help="Print the reply as JSON.")
+def retry(task_id: str, as_json: bool) -> None:
+    """Queue a failed, timed-out or cancelled task TASK_ID again."""
+    with _connect() as client:
+        reply = _request(client, "RETRY_TASK", task_id=task_id)
+    if as_json:
+        _print_json(reply)
+    else:
+        click.echo(f"task {reply['task_id']}: {reply['status']}")
+
+
+@main.group()
+def dlq() -> None:
+    """Inspect and replay dead-lettered tasks."""
+
+
+@dlq.command(name="list")
+@click.option("--limit", type=int, default=100, show_default=True, help="Most shown.")
+@click.option("--json", "as_json", is_flag=True, help="Print the dead letters as JSON.")
+def dlq_list(limit: int, as_json: bool) -> None:
+    """List dead-lettered tasks, newest first."""
+    with _connect() as client:
+        reply = _request(client, "LIST_DEAD_LETTERS", limit=limit)
+    if as_json:
+        _print_json(reply)
+        return
+    for letter in reply["dead_letters"]:
+        click.echo(
+            f"{letter['task_id']}  attempt {letter.get('attempt')}  "
+            f"{letter.get('error') or ''}"
+        )
+
+
+@dlq.command(name="retry")
+@click.argument("task_id")
+@click.option("--json", "as_json", is_flag=True, help="Print the reply as JSON.")
+def dlq_retry(task_id: str, as_json: bool) -> None:
+    """Replay dead-lettered task TASK_ID; it keeps its id and history."""
+    with _connect() as client:
+        reply = _request(client, "RETRY_TASK", task_id=task_id)
+    if as_json:
+        _print_json(reply)
+    else:
+        click.echo(f"task {reply['task_id']}: {reply['status']}")
+
+
+@dlq.command(name="purge")
+@click.option("--json", "as_json", is_flag=True, help="Print the reply as JSON.")
+def dlq_purge(as_json: bool) -> None:
+    """Delete every dead letter; the task records stay failed."""
+    with _connect() as client:
+        reply = _request(client, "PURGE_DEAD_LETTERS")
+    if as_json:
+        _print_json(reply)
+    else:
+        click.echo(f"purged {reply['purged']} dead letters from queue {reply['queue']}")
+
+
+@main.command()
+@click.option(
+    "--dry-run", is_flag=True, help="List what would be killed and why; kill nothing."
+)
+@click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
+def reap(dry_run: bool, as_json: bool) -> None:
+    """Run one reaper pass: kill Claude processes that no live task owns.
+
+    The pass runs in this process against KSI_REDIS_URL, so it sees only the
+    processes whose environment this user may read.
+    """
+    # Imported here so that the other commands start without psutil and redis.
+    from ksi_worker.reaper import Reaper, scan_report
+
+    try:
+        settings = Settings.from_env()
+    except SettingsError as error:
+        _fail(f"invalid setting: {error}", EXIT_USAGE)
+    # The reaper's warnings (Redis unreachable, each kill) go to stderr.
+    logging.basicConfig(level=logging.WARNING, format="ksi: %(message)s")
+    reaper = Reaper.from_settings(settings)
+    scan = reaper.scan()
+    kills = None if dry_run else reaper.kill(scan.orphans)
+    report = scan_report(scan, kills)
+    if as_json:
+        _print_json(report)
+        return
+    for orphan in report["orphans"]:
+        click.echo(
+            f"pid {orphan['pid']}  {orphan['name']}  task {orphan['task_id']} "
+            f"attempt {orphan['attempt']}  {orphan['reason']}: {orphan['detail']}"
+        )
+    if not report["orphans"]:
+        click.echo("no orphaned processes")
+    if kills is not None:
+        click.echo(f"killed {len(kills)} processes")

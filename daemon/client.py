@@ -5,6 +5,7 @@ from __future__ import annotations
 import itertools
 import json
 import socket
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -54,6 +55,38 @@ class DaemonClient:
             error = reply.get("error") or {}
             raise CommandError(error.get("code", "ERROR"), error.get("message", ""))
         return reply["result"]
+
+    def subscribe(
+        self,
+        *,
+        event_types: list[str] | None = None,
+        task_id: str | None = None,
+        since: str | None = None,
+    ) -> dict[str, Any]:
+        """Send SUBSCRIBE and return its acknowledgement; then call events().
+
+        After this the connection carries only the subscription's events.
+        """
+        params = {"event_types": event_types, "task_id": task_id, "since": since}
+        return self.request(
+            "SUBSCRIBE", **{name: value for name, value in params.items() if value}
+        )
+
+    def events(self) -> Iterator[dict[str, Any]]:
+        """Yield the events of a subscription as they arrive.
+
+        Raises CommandError when the daemon ends the subscription with a
+        reason (``SLOW_SUBSCRIBER``, ``SHUTTING_DOWN``), DaemonUnavailable when
+        the connection closes, and TimeoutError after the socket's timeout.
+        """
+        while True:
+            reply = self.read_reply()
+            event = reply.get("event")
+            if isinstance(event, dict):
+                yield event
+                continue
+            error = reply.get("error") or {}
+            raise CommandError(error.get("code", "ERROR"), error.get("message", ""))
 
     def read_reply(self) -> dict[str, Any]:
         line = self.reader.readline()

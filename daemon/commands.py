@@ -16,11 +16,14 @@ from typing import Any
 
 import redis
 
+from ksi_worker import keys
 from ksi_worker.lifecycle import EventType, TaskStatus
+from ksi_worker.metrics import TASKS
 from ksi_worker.presence import live_workers
-from ksi_worker.queues import queue_depth
+from ksi_worker.queues import list_dead_letters, queue_depth, remove_dead_letters
 from ksi_worker.settings import Settings
 from ksi_worker.store import TaskStore, new_task_id, public_record
+from ksi_worker.throttle import spend_last_hour, throttled_agents
 
 from .protocol import (
     ID_PATTERN,
@@ -35,6 +38,12 @@ from .protocol import (
 logger = logging.getLogger(__name__)
 
 Handler = Callable[[dict[str, Any]], Awaitable[dict[str, Any]]]
+
+#: Seconds an idempotency key keeps returning the task it first queued.
+IDEMPOTENCY_TTL_S = 24 * 3600
+
+#: States from which RETRY_TASK queues a task again.
+REPLAYABLE = (TaskStatus.FAILED, TaskStatus.TIMED_OUT, TaskStatus.CANCELLED)
 
 #: States from which CANCEL_TASK ends a task at once, before it starts.
 CANCELLABLE_BEFORE_START = (TaskStatus.QUEUED, TaskStatus.RETRYING)
@@ -65,12 +74,27 @@ class Commands:
             "TASK_STATUS": self.task_status,
             "LIST_TASKS": self.list_tasks,
             "CANCEL_TASK": self.cancel_task,
+            "RETRY_TASK": self.retry_task,
+            "LIST_DEAD_LETTERS": self.list_dead_letters,
+            "PURGE_DEAD_LETTERS": self.purge_dead_letters,
             "HEALTH_CHECK": self.health_check,
         }
 
     async def queue_task(self, params: dict[str, Any]) -> dict[str, Any]:
         fields = validate_task_params(params)
         task_id = new_task_id()
+        key = fields.get("idempotency_key")
+        if key:
+            existing = await asyncio.to_thread(
+                self._claim_idempotency_key, key, task_id
+            )
+            if existing is not None:
+                record = await asyncio.to_thread(self.store.get, existing)
+                status = record["status"] if record else TaskStatus.QUEUED.value
+                logger.info(
+                    "Task %s returned again for idempotency key %r.", existing, key
+                )
+                return {"task_id": existing, "status": status, "duplicate": True}
         await asyncio.to_thread(self.store.create, task_id, fields)
         try:
             await asyncio.to_thread(self.send_task, task_id)
@@ -91,6 +115,7 @@ class Commands:
                 event_type=EventType.TASK_FAILED,
                 payload={"error_class": "enqueue_failed"},
             )
+            TASKS.labels(self.settings.queue, TaskStatus.FAILED.value).inc()
             raise ProtocolError(
                 "UNAVAILABLE", f"task {task_id} could not be enqueued: {error}"
             ) from None
@@ -101,6 +126,14 @@ class Commands:
             fields.get("model") or self.settings.model,
         )
         return {"task_id": task_id, "status": TaskStatus.QUEUED.value}
+
+    def _claim_idempotency_key(self, key: str, task_id: str) -> str | None:
+        """Bind ``key`` to ``task_id``; return the task already bound, if any."""
+        redis_key = keys.idempotency(key)
+        if self.store.client.set(redis_key, task_id, nx=True, ex=IDEMPOTENCY_TTL_S):
+            return None
+        existing = self.store.client.get(redis_key)
+        return existing.decode() if existing else None
 
     async def task_status(self, params: dict[str, Any]) -> dict[str, Any]:
         reject_unknown(params, {"task_id"})
@@ -141,6 +174,8 @@ class Commands:
         if before is None:
             raise ProtocolError("NOT_FOUND", f"task {task_id} not found")
         if applied:
+            # No worker runs it, so the task metrics count it here.
+            TASKS.labels(self.settings.queue, TaskStatus.CANCELLED.value).inc()
             logger.info("Task %s cancelled before it started.", task_id)
             return {"task_id": task_id, "status": TaskStatus.CANCELLED.value}
         if before.is_terminal:
@@ -154,6 +189,72 @@ class Commands:
         logger.info("Task %s: cancel requested while running.", task_id)
         return {"task_id": task_id, "status": "cancelling"}
 
+    async def retry_task(self, params: dict[str, Any]) -> dict[str, Any]:
+        reject_unknown(params, {"task_id"})
+        task_id = require_str(params, "task_id", ID_PATTERN)
+        record = await asyncio.to_thread(self.store.get, task_id)
+        if record is None:
+            raise ProtocolError("NOT_FOUND", f"task {task_id} not found")
+        status = TaskStatus(record["status"])
+        if status not in REPLAYABLE:
+            raise ProtocolError(
+                "INVALID_STATE",
+                f"task {task_id} is {status.value}; only failed, timed_out and "
+                "cancelled tasks can be retried",
+            )
+        max_retries = record.get("max_retries")
+        if max_retries is None:
+            max_retries = self.settings.max_retries
+        attempt = int(record.get("attempt") or 0)
+        applied, before, _ = await asyncio.to_thread(
+            self.store.transition,
+            task_id,
+            allowed_from=REPLAYABLE,
+            fields={
+                "status": TaskStatus.QUEUED.value,
+                "attempt_limit": attempt + int(max_retries) + 1,
+                "replays": int(record.get("replays") or 0) + 1,
+                "error": None,
+                "cancel_requested": False,
+            },
+            event_type=EventType.TASK_QUEUED,
+            payload={"replay": True, "previous_status": status.value},
+        )
+        if not applied:
+            raise ProtocolError(
+                "INVALID_STATE", f"task {task_id} changed to {before} meanwhile"
+            )
+        await asyncio.to_thread(
+            remove_dead_letters, self.store.client, self.settings.queue, task_id
+        )
+        await asyncio.to_thread(self.send_task, task_id)
+        logger.info("Task %s replayed after it ended %s.", task_id, status.value)
+        return {"task_id": task_id, "status": TaskStatus.QUEUED.value}
+
+    async def list_dead_letters(self, params: dict[str, Any]) -> dict[str, Any]:
+        reject_unknown(params, {"limit"})
+        limit = optional_number(params, "limit", minimum=1, maximum=1000, integer=True)
+        letters = await asyncio.to_thread(
+            list_dead_letters, self.store.client, self.settings.queue, int(limit or 100)
+        )
+        for letter in letters:
+            record = await asyncio.to_thread(self.store.get, letter["task_id"] or "")
+            if record:
+                letter["status"] = record.get("status")
+                letter["error"] = record.get("error")
+                letter["attempt"] = record.get("attempt")
+        return {"queue": self.settings.queue, "dead_letters": letters}
+
+    async def purge_dead_letters(self, params: dict[str, Any]) -> dict[str, Any]:
+        reject_unknown(params, set())
+        removed = await asyncio.to_thread(
+            remove_dead_letters, self.store.client, self.settings.queue
+        )
+        logger.info(
+            "Purged %d dead letters of queue %s.", len(removed), self.settings.queue
+        )
+        return {"queue": self.settings.queue, "purged": len(removed)}
+
     async def health_check(self, params: dict[str, Any]) -> dict[str, Any]:
         reject_unknown(params, set())
         daemon = {
@@ -162,17 +263,17 @@ class Commands:
             "connections": self.connections,
         }
         try:
-            redis_info, workers, depth = await asyncio.to_thread(self._redis_health)
+            redis_info, workers, depth, throttles = await asyncio.to_thread(
+                self._redis_health
+            )
         except redis.RedisError as error:
             return {
                 "status": "unavailable",
-                "problems": [
-                    f"Redis unreachable at {self.settings.redis_url}: {error}"
-                ],
+                "problems": [f"Redis is unreachable: {error}"],
                 "redis": {"ok": False, "error": str(error)},
                 "daemon": daemon,
             }
-        problems = []
+        problems = list(throttles)
         if not workers:
             problems.append("no live worker; check `ksi-supervisorctl status`")
         return {
@@ -185,14 +286,30 @@ class Commands:
             "daemon": daemon,
         }
 
-    def _redis_health(self) -> tuple[dict[str, Any], list[dict], dict[str, int]]:
+    def _redis_health(self) -> tuple[dict[str, Any], list[dict], dict[str, int], list]:
         client = self.store.client
         started = time.perf_counter()
         client.ping()
         latency_ms = (time.perf_counter() - started) * 1000
         redis_info = {"ok": True, "latency_ms": round(latency_ms, 2)}
-        return (
-            redis_info,
-            live_workers(client),
-            queue_depth(client, self.settings.queue),
-        )
+        depth = queue_depth(client, self.settings.queue)
+        return redis_info, live_workers(client), depth, self._throttles(client)
+
+    def _throttles(self, client: redis.Redis) -> list[str]:
+        """Describe each limit that holds tasks back right now."""
+        reasons = []
+        budget = self.settings.budget_usd_per_hour
+        if budget > 0:
+            spent = spend_last_hour(client)
+            if spent >= budget:
+                reasons.append(
+                    f"budget: ${spent:.2f} spent in the last hour, limit "
+                    f"${budget:.2f}; tasks wait in the queue"
+                )
+        for agent_id in throttled_agents(client):
+            reasons.append(
+                f"rate limit: agent {agent_id} exceeded "
+                f"{self.settings.agent_starts_per_minute} starts per minute; its "
+                "tasks wait in the queue"
+            )
+        return reasons

@@ -4,6 +4,16 @@ One JSON object per line each way. A request is
 ``{"command": NAME, "params": {...}, "id": optional}``; a reply is
 ``{"id": ..., "status": "ok", "result": {...}}`` or
 ``{"id": ..., "status": "error", "error": {"code": CODE, "message": TEXT}}``.
+
+SUBSCRIBE turns its connection into a stream (see :mod:`daemon.event_commands`):
+after the ok reply, each event arrives as one line ``{"event": EVENT}`` where
+EVENT is ``{"id": "1700000000000-0", "event_type": "TASK_PROGRESS",
+"task_id": "..." or null, "attempt": 1, "ts": 1700000000.123,
+"payload": {...}, "from_agent": "..." or null}``. ``id`` is the event's
+Redis stream id, to pass as ``since`` when subscribing again; ``ts`` is Unix
+time in seconds; ``from_agent`` is set on events sent with PUBLISH. The
+stream ends with an error line (code ``SLOW_SUBSCRIBER``, ``SHUTTING_DOWN``
+or ``UNAVAILABLE``) or when either side closes the connection.
 """
 
 from __future__ import annotations
@@ -173,8 +183,18 @@ def validate_task_params(params: Mapping[str, Any]) -> dict[str, Any]:
     fields["timeout_s"] = optional_number(
         params, "timeout_s", minimum=1, maximum=MAX_TASK_TIMEOUT_S
     )
+    fields["idle_timeout_s"] = optional_number(
+        params, "idle_timeout_s", minimum=1, maximum=MAX_TASK_TIMEOUT_S
+    )
     fields["session_id"] = optional_str(params, "session_id", ID_PATTERN)
     fields["agent_id"] = optional_str(params, "agent_id", ID_PATTERN)
+    fields["idempotency_key"] = optional_str(params, "idempotency_key", ID_PATTERN)
+    retry_on_timeout = params.get("retry_on_timeout")
+    if retry_on_timeout is not None and not isinstance(retry_on_timeout, bool):
+        raise invalid(
+            f"retry_on_timeout must be true or false, got {_type(retry_on_timeout)}"
+        )
+    fields["retry_on_timeout"] = retry_on_timeout
     fields["max_retries"] = optional_number(
         params, "max_retries", minimum=0, maximum=20, integer=True
     )
@@ -210,9 +230,12 @@ QUEUE_TASK_PARAMS = {
     "prompt",
     "model",
     "timeout_s",
+    "idle_timeout_s",
     "allowed_tools",
     "session_id",
     "agent_id",
+    "idempotency_key",
+    "retry_on_timeout",
     "max_retries",
     "retry_min_backoff_s",
     "retry_max_backoff_s",

@@ -8,17 +8,19 @@ from .broker import make_broker, redis_client
 from .drain import ShutdownDrain
 from .execute import PermanentTaskError, TaskAttempt
 from .logs import configure_logging
+from .metrics import TaskMetrics
 from .presence import WorkerPresence
 from .settings import MAX_TASK_TIMEOUT_S, Settings
 from .store import TaskStore
 
 settings = Settings.from_env()
-configure_logging()
+configure_logging(queue=settings.queue)
 broker = make_broker(settings)
 store = TaskStore(redis_client(settings), events_maxlen=settings.events_maxlen)
 broker.add_middleware(WorkerPresence(store.client, threads=settings.worker_threads))
 drain = ShutdownDrain(drain_s=settings.drain_s)
 broker.add_middleware(drain)
+broker.add_middleware(TaskMetrics(store))
 
 
 def retry_when(retries: int, exception: BaseException) -> bool:

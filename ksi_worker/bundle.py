@@ -9,10 +9,12 @@ them, create the runtime folders, and exec the supervisor program.
 from __future__ import annotations
 
 import os
+import secrets
 import sys
 from pathlib import Path
 
-from .settings import PROJECT_ROOT, Settings, SettingsError
+from .metrics_files import remove_stale_files
+from .settings import PROJECT_ROOT, Settings, SettingsError, redis_password_file
 
 CONFIG = PROJECT_ROOT / "deploy" / "supervisord.conf"
 
@@ -26,7 +28,6 @@ def bundle_environment(settings: Settings) -> dict[str, str]:
     return {
         "PATH": path,
         "KSI_HOME": str(settings.home),
-        "KSI_REDIS_URL": settings.redis_url,
         "KSI_WORKERS": str(settings.workers),
         "KSI_WORKER_THREADS": str(settings.worker_threads),
         "KSI_CLAUDE_BIN": settings.claude_bin,
@@ -36,7 +37,11 @@ def bundle_environment(settings: Settings) -> dict[str, str]:
         # Dramatiq's own shutdown timeout, a little inside supervisord's
         # window so the worker exits before SIGKILL.
         "KSI_STOP_WAIT_MS": str(max(1, settings.stop_wait_s - 3) * 1000),
+        # Redis outlives the workers' drain (see ksi_worker.redis_guard).
+        "KSI_REDIS_STOP_WAIT_S": str(settings.stop_wait_s + 30),
         "KSI_PYTHON": sys.executable,
+        # Every program records metrics here for the metrics program to sum.
+        "PROMETHEUS_MULTIPROC_DIR": str(settings.prometheus_dir),
         "KSI_STUB_AUTOSTART": os.environ.get("KSI_STUB_AUTOSTART") or "false",
         "KSI_STUB_PORT": os.environ.get("KSI_STUB_PORT") or "0",
     }
@@ -48,9 +53,34 @@ def make_runtime_folders(settings: Settings) -> None:
         settings.run_dir,
         settings.log_dir,
         settings.home / "redis",
+        settings.home / "secrets",
         settings.tasks_dir,
+        settings.prometheus_dir,
     ):
         folder.mkdir(mode=0o700, parents=True, exist_ok=True)
+    make_redis_password(settings.home)
+
+
+def make_redis_password(home: Path) -> None:
+    """Create the Redis password and the config file that sets it, once.
+
+    redis-server reads the password from ``secrets/redis-auth.conf`` through
+    ``--include``, so it never appears in a process list or a log.
+    """
+    password_file = redis_password_file(home)
+    auth_conf = home / "secrets" / "redis-auth.conf"
+    if not password_file.exists():
+        _write_private(password_file, secrets.token_hex(32) + "\n")
+    if not auth_conf.exists():
+        password = password_file.read_text().strip()
+        _write_private(auth_conf, f"requirepass {password}\n")
+
+
+def _write_private(path: Path, text: str) -> None:
+    """Write ``text`` to a new file that only its owner can read."""
+    descriptor = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(descriptor, "w") as file:
+        file.write(text)
 
 
 def _exec(program: str, args: list[str]) -> None:
@@ -59,6 +89,12 @@ def _exec(program: str, args: list[str]) -> None:
     except SettingsError as error:
         sys.exit(f"{program}: invalid setting: {error}")
     make_runtime_folders(settings)
+    if program == "supervisord":
+        # Metrics of an earlier run are stale only while no program runs.
+        remove_stale_files(
+            settings.prometheus_dir,
+            supervisord_pidfile=settings.run_dir / "supervisord.pid",
+        )
     os.environ.update(bundle_environment(settings))
     argv = [program, "-c", str(CONFIG), *args]
     os.execvp(os.path.join(os.path.dirname(sys.executable), program), argv)

@@ -9,22 +9,26 @@ from pathlib import Path
 from typing import Any
 
 import dramatiq
+import redis
 from dramatiq.common import compute_backoff
 
 from . import keys
 from .claude_result import Outcome, decide
 from .drain import ShutdownDrain
 from .lifecycle import TERMINAL_EVENTS, EventType, TaskStatus
-from .presence import worker_identity
+from .presence import worker_id_of, worker_identity
 from .proctree import (
     MARKER_ATTEMPT,
+    MARKER_BUNDLE_HOME,
     MARKER_TASK_ID,
     MARKER_WORKER_CREATED,
     MARKER_WORKER_PID,
 )
+from .progress import ProgressReporter
 from .runner import ClaudeRun, child_environment, run_claude
 from .settings import Settings
 from .store import TaskStore
+from .throttle import record_spend, throttle_reason
 
 logger = logging.getLogger(__name__)
 
@@ -54,7 +58,8 @@ def build_argv(settings: Settings, record: dict[str, Any]) -> list[str]:
         record.get("model") or settings.model,
         "--print",
         "--output-format",
-        "json",
+        "stream-json",
+        "--verbose",
     ]
     if record.get("session_id"):
         argv += ["--resume", record["session_id"]]
@@ -86,6 +91,9 @@ def build_env(
             MARKER_ATTEMPT: str(attempt),
             MARKER_WORKER_PID: str(identity["pid"]),
             MARKER_WORKER_CREATED: repr(identity["create_time"]),
+            # Bundles side by side see each other's processes; the reaper
+            # judges only those of its own bundle.
+            MARKER_BUNDLE_HOME: str(settings.home),
         },
     )
 
@@ -129,28 +137,45 @@ class TaskAttempt:
             )
             return
 
-        max_attempts = self._max_retries(record) + 1
-        if int(record.get("attempt") or 0) >= max_attempts:
+        # Attempts are counted in the record, which survives a worker crash,
+        # because Dramatiq redelivers a dead worker's message without counting
+        # a retry: a task that kills its worker every time must still end.
+        attempt_limit = self._attempt_limit(record)
+        if int(record.get("attempt") or 0) >= attempt_limit:
             self._fail_for_good(
                 "attempts_exhausted",
                 f"attempts_exhausted: {record.get('attempt')} attempts started and "
-                f"none finished; the limit is {max_attempts}",
+                f"none finished; the limit is {attempt_limit}",
             )
+
+        throttled = self.throttle(record)
+        if throttled is not None:
+            reason, delay_s = throttled
+            self.store.set_fields(self.task_id, {"waiting_reason": reason})
+            logger.info(
+                "Task %s waits %.0f s in the queue: %s.", self.task_id, delay_s, reason
+            )
+            raise dramatiq.Retry(delay=int(delay_s * 1000))
 
         folder = self._folder(record)
         _make_folders(folder)
+        identity = worker_identity()
         applied, before, attempt = self.store.transition(
             self.task_id,
             allowed_from=STARTABLE,
             fields={
                 "status": TaskStatus.RUNNING.value,
                 "started_at": time.time(),
-                "worker_pid": os.getpid(),
+                "worker_pid": identity["pid"],
+                "worker_created": identity["create_time"],
+                "worker_host": identity["host"],
+                "worker_id": worker_id_of(identity),
                 "folder": str(folder),
                 "cancel_requested": False,
+                "waiting_reason": None,
             },
             event_type=EventType.TASK_STARTED,
-            payload={"worker_pid": os.getpid()},
+            payload={"worker_id": worker_id_of(identity)},
             new_attempt=True,
         )
         if not applied:
@@ -174,6 +199,10 @@ class TaskAttempt:
             timeout_s=timeout_s,
             kill_grace_s=self.settings.kill_grace_s,
             should_stop=self._should_stop,
+            on_line=ProgressReporter(self.store, self.task_id, attempt).on_line,
+            idle_timeout_s=float(
+                record.get("idle_timeout_s") or self.settings.idle_timeout_s
+            ),
         )
         if claude_run.stopped_by == "shutdown":
             self._hand_back(attempt)
@@ -194,6 +223,19 @@ class TaskAttempt:
         value = record.get("max_retries")
         return self.settings.max_retries if value is None else int(value)
 
+    def _attempt_limit(self, record: dict[str, Any]) -> int:
+        """Return the attempt number past which the task is dead-lettered.
+
+        A replayed dead letter keeps its attempt count and gets a fresh budget
+        of retries on top of it (``attempt_limit`` in its record).
+        """
+        limit = record.get("attempt_limit")
+        return int(limit) if limit else self._max_retries(record) + 1
+
+    def throttle(self, record: dict[str, Any]) -> tuple[str, float] | None:
+        """Return why and how long a task must wait before it starts, if so."""
+        return throttle_reason(self.settings, self.store.client, record)
+
     def _should_stop(self) -> str | None:
         if self.drain is not None and self.drain.drain_expired():
             return "shutdown"
@@ -201,7 +243,16 @@ class TaskAttempt:
         if now < self._next_cancel_check:
             return None
         self._next_cancel_check = now + CANCEL_CHECK_INTERVAL_S
-        raw = self.store.client.hget(keys.task(self.task_id), "cancel_requested")
+        try:
+            raw = self.store.client.hget(keys.task(self.task_id), "cancel_requested")
+        except redis.RedisError as error:
+            # A cancel can wait for Redis; the running task must not fail.
+            logger.warning(
+                "Task %s: cannot read its cancel flag (%s); checking again later.",
+                self.task_id,
+                error,
+            )
+            return None
         return "cancel" if raw == b"true" else None
 
     def _finish(
@@ -219,11 +270,28 @@ class TaskAttempt:
         if claude_run.stopped_by == "cancel":
             self._end(TaskStatus.CANCELLED, common, {"reason": "cancelled by request"})
             return
-        if claude_run.stopped_by == "timeout":
+        if claude_run.stopped_by in ("timeout", "idle_timeout"):
             message = (
                 f"timed_out: claude ran past the time limit of {timeout_s:g} s "
                 f"and was killed after {claude_run.elapsed_s:.1f} s"
             )
+            if claude_run.stopped_by == "idle_timeout":
+                idle_s = record.get("idle_timeout_s") or self.settings.idle_timeout_s
+                message = (
+                    f"timed_out: claude printed no output for {idle_s:g} s "
+                    f"(idle_timeout_s) and was killed after "
+                    f"{claude_run.elapsed_s:.1f} s"
+                )
+            retries_left = self._attempt_limit(record) - attempt
+            if record.get("retry_on_timeout") and retries_left > 0:
+                timed_out = Outcome(
+                    succeeded=False,
+                    retryable=True,
+                    error_class="timed_out",
+                    message=message,
+                )
+                self._retry(timed_out, attempt, common, record)
+                return
             self._end(
                 TaskStatus.TIMED_OUT,
                 {**common, "error": message, "error_class": "timed_out"},
@@ -244,10 +312,13 @@ class TaskAttempt:
             stdout=claude_run.stdout,
             stderr_tail=claude_run.stderr_tail,
         )
+        cost = outcome.result.get("total_cost_usd")
+        if isinstance(cost, int | float) and cost > 0:
+            record_spend(self.store.client, float(cost))
         if outcome.succeeded:
             self._succeed(outcome, common, record)
             return
-        retries_left = self._max_retries(record) + 1 - attempt
+        retries_left = self._attempt_limit(record) - attempt
         if outcome.retryable and retries_left > 0:
             self._retry(outcome, attempt, common, record)
             return
@@ -303,6 +374,7 @@ class TaskAttempt:
             allowed_from=(TaskStatus.RUNNING,),
             fields={
                 **common,
+                **_result_fields(outcome.result),
                 "status": TaskStatus.RETRYING.value,
                 "error": outcome.message,
                 "error_class": outcome.error_class,
@@ -360,7 +432,10 @@ class TaskAttempt:
         applied, before, attempt = self.store.transition(
             self.task_id,
             allowed_from=STARTABLE,
+            # Result fields are cleared unless given, so the cost of an earlier
+            # attempt is not counted again with this one.
             fields={
+                **_result_fields({}),
                 **(fields or {}),
                 "status": TaskStatus.FAILED.value,
                 "finished_at": time.time(),
@@ -390,6 +465,7 @@ class TaskAttempt:
                 "status": TaskStatus.RETRYING.value,
                 "attempt": attempt - 1,
                 "error": "worker_shutdown: handed back to the queue",
+                "retry_at": time.time(),
             },
             event_type=EventType.TASK_RETRYING,
             payload={"delay_s": 0, "error_class": "worker_shutdown"},
@@ -403,9 +479,12 @@ class TaskAttempt:
 
 
 def _result_fields(result: dict[str, Any]) -> dict[str, Any]:
-    """Pick the task record fields from the CLI's result object."""
-    if not result:
-        return {}
+    """Pick the task record fields from the CLI's result object.
+
+    Every field is returned, None when the attempt left no result, so that
+    no value of an earlier attempt is taken for this one's.
+    """
+    result = result or {}
     return {
         "result": result.get("result"),
         "claude_session_id": result.get("session_id"),

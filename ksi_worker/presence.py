@@ -22,10 +22,10 @@ from . import keys
 logger = logging.getLogger(__name__)
 
 #: Seconds between two heartbeats of a worker.
-HEARTBEAT_INTERVAL_S = 5.0
+HEARTBEAT_INTERVAL_S = 2.0
 
 #: Seconds without a heartbeat after which a worker counts as gone.
-HEARTBEAT_TIMEOUT_S = 20.0
+HEARTBEAT_TIMEOUT_S = 10.0
 
 
 def worker_identity() -> dict[str, object]:
@@ -36,6 +36,10 @@ def worker_identity() -> dict[str, object]:
         "create_time": psutil.Process(pid).create_time(),
         "host": socket.gethostname(),
     }
+
+
+def worker_id_of(identity: dict[str, object]) -> str:
+    return f"{identity['host']}:{identity['pid']}"
 
 
 def live_workers(client: redis.Redis, *, now: float | None = None) -> list[dict]:
@@ -71,7 +75,7 @@ class WorkerPresence(Middleware):
 
     def after_worker_boot(self, broker, worker) -> None:
         identity = worker_identity()
-        self.worker_id = f"{identity['host']}:{identity['pid']}"
+        self.worker_id = worker_id_of(identity)
         self.info = {**identity, "threads": self.threads, "started_at": time.time()}
         self.thread = threading.Thread(
             target=self._beat, name="ksi-heartbeat", daemon=True
@@ -80,6 +84,18 @@ class WorkerPresence(Middleware):
         logger.info("Worker %s started with %d threads.", self.worker_id, self.threads)
 
     def before_worker_shutdown(self, broker, worker) -> None:
+        self.info["stopping"] = 1
+        try:
+            self.client.hset(keys.worker(self.worker_id), "stopping", "1")
+        except redis.RedisError as error:
+            logger.warning(
+                "Worker %s could not mark itself stopping: %s", self.worker_id, error
+            )
+        logger.info("Worker %s is shutting down.", self.worker_id)
+
+    def after_worker_shutdown(self, broker, worker) -> None:
+        # Heartbeats go on while running tasks drain, so Redis is kept up
+        # (see ksi_worker.redis_guard) until the last worker has left.
         self.stopping.set()
         try:
             pipe = self.client.pipeline(transaction=True)
@@ -90,7 +106,7 @@ class WorkerPresence(Middleware):
             logger.warning(
                 "Worker %s could not remove its heartbeat: %s", self.worker_id, error
             )
-        logger.info("Worker %s is shutting down.", self.worker_id)
+        logger.info("Worker %s stopped.", self.worker_id)
 
     def _beat(self) -> None:
         failures = 0

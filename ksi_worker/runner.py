@@ -34,7 +34,8 @@ class ClaudeRun:
     """Outcome of one CLI process.
 
     ``stopped_by`` is None when the process exited on its own, else the reason
-    the runner ended it: ``"timeout"`` or a reason returned by ``should_stop``.
+    the runner ended it: ``"timeout"``, ``"idle_timeout"`` or a reason
+    returned by ``should_stop``. ``stdout`` is the CLI's whole output.
     """
 
     returncode: int | None
@@ -59,9 +60,36 @@ def _write_stdin(stream, data: bytes) -> None:
             pass
 
 
-def _read_all(stream, sink: list[bytes]) -> None:
-    for chunk in iter(lambda: stream.read1(65536), b""):
-        sink.append(chunk)
+class _OutputWatch:
+    """Time of the CLI's latest stdout line, written by the reader thread."""
+
+    def __init__(self) -> None:
+        self.last_line_at = time.monotonic()
+
+
+def _read_lines(
+    stream,
+    sink: list[bytes],
+    watch: _OutputWatch,
+    on_line: Callable[[bytes], None] | None,
+    task_id: str,
+) -> None:
+    failed = False
+    for line in iter(stream.readline, b""):
+        sink.append(line)
+        watch.last_line_at = time.monotonic()
+        if on_line is None or failed:
+            continue
+        try:
+            on_line(line)
+        except Exception:
+            # The output must still be read to its end, or the CLI blocks on
+            # a full pipe; the callback is dropped for the rest of the run.
+            failed = True
+            logger.exception(
+                "Task %s: output callback failed; no more progress is reported.",
+                task_id,
+            )
 
 
 def _read_tail(stream, sink: deque[bytes]) -> None:
@@ -83,14 +111,20 @@ def run_claude(
     timeout_s: float,
     kill_grace_s: float,
     should_stop: Callable[[], str | None] = lambda: None,
+    on_line: Callable[[bytes], None] | None = None,
+    idle_timeout_s: float | None = None,
 ) -> ClaudeRun:
     """Run the CLI with ``prompt`` on stdin until it exits or must stop.
 
     The child starts in a new session, so its process group is its own. On
-    the deadline or when ``should_stop`` returns a reason, the group and every
-    process carrying the task's marker get SIGTERM, then SIGKILL after
+    the deadline, after ``idle_timeout_s`` seconds without a line on stdout,
+    or when ``should_stop`` returns a reason, the group and every process
+    carrying the task's marker get SIGTERM, then SIGKILL after
     ``kill_grace_s``. Marked processes left behind by a child that exited on
     its own (``sleep 300 &`` from the Bash tool) are ended the same way.
+
+    ``on_line`` is called with each stdout line, newline included, from a
+    reader thread; an exception it raises stops further calls.
     """
     started = time.monotonic()
     try:
@@ -116,12 +150,15 @@ def run_claude(
     logger.info("Task %s: started claude pid %d in %s.", task_id, process.pid, cwd)
     stdout_chunks: list[bytes] = []
     stderr_chunks: deque[bytes] = deque()
+    watch = _OutputWatch()
     threads = [
         threading.Thread(
             target=_write_stdin, args=(process.stdin, prompt.encode()), daemon=True
         ),
         threading.Thread(
-            target=_read_all, args=(process.stdout, stdout_chunks), daemon=True
+            target=_read_lines,
+            args=(process.stdout, stdout_chunks, watch, on_line, task_id),
+            daemon=True,
         ),
         threading.Thread(
             target=_read_tail, args=(process.stderr, stderr_chunks), daemon=True
@@ -139,8 +176,14 @@ def run_claude(
                 break
             except subprocess.TimeoutExpired:
                 pass
-            if time.monotonic() >= deadline:
+            now = time.monotonic()
+            if now >= deadline:
                 stopped_by = "timeout"
+            elif (
+                idle_timeout_s is not None
+                and now - watch.last_line_at >= idle_timeout_s
+            ):
+                stopped_by = "idle_timeout"
             else:
                 stopped_by = should_stop()
             if stopped_by:

@@ -8,6 +8,7 @@ each variable with its unit and default.
 from __future__ import annotations
 
 import os
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import quote
@@ -74,6 +75,11 @@ class Settings:
       model: Default model of a task (``KSI_MODEL``, default ``sonnet``).
       task_timeout_s: Default time limit of a task in seconds
         (``KSI_TASK_TIMEOUT_S``, default 600).
+      idle_timeout_s: Default no-output limit of a task: seconds without a
+        line from the CLI after which it is killed and the task ends
+        ``timed_out`` (``KSI_IDLE_TIMEOUT_S``, default 360). It sits above
+        ``api_timeout_s`` so that a request timeout is reported by the CLI,
+        as a retryable error, before this limit ends the task.
       api_timeout_s: Per-request timeout passed to the CLI as
         ``API_TIMEOUT_MS`` (``KSI_API_TIMEOUT_S``, default 300).
       kill_grace_s: Seconds between SIGTERM and SIGKILL when a task's process
@@ -94,8 +100,24 @@ class Settings:
         SIGKILL (``KSI_STOP_WAIT_S``, default 60). Running tasks may finish
         within this window less ``kill_grace_s`` and 10 s; later they are
         killed and handed back to the queue.
+      broker_heartbeat_timeout_s: Seconds without a heartbeat after which
+        Dramatiq counts a worker as dead and returns its unacknowledged
+        messages to the queue (``KSI_BROKER_HEARTBEAT_TIMEOUT_S``, default 15).
+      broker_maintenance_interval_s: Longest gap between two passes that
+        return a dead worker's messages (``KSI_BROKER_MAINTENANCE_S``,
+        default 5).
+      budget_usd_per_hour: Spend limit of the bundle, summed from the CLI's
+        ``total_cost_usd`` over the last hour; past it, tasks wait in the
+        queue (``KSI_BUDGET_USD_PER_HOUR``, default 0: no limit).
+      agent_starts_per_minute: Task starts allowed per ``agent_id`` per
+        minute; past it, that agent's tasks wait in the queue
+        (``KSI_AGENT_STARTS_PER_MINUTE``, default 0: no limit).
       worker_poll_ms: Longest pause of an idle worker between queue polls, in
         milliseconds (``KSI_WORKER_POLL_MS``, default 1000).
+      reaper_interval_s: Seconds between two scans of the reaper
+        (``KSI_REAPER_INTERVAL_S``, default 10).
+      reaper_grace_s: Seconds a task's process may outlive the task's time
+        limit before the reaper kills it (``KSI_REAPER_GRACE_S``, default 60).
     """
 
     home: Path
@@ -105,6 +127,7 @@ class Settings:
     claude_bin: str
     model: str
     task_timeout_s: int
+    idle_timeout_s: float
     api_timeout_s: int
     kill_grace_s: float
     metrics_addr: str
@@ -114,7 +137,13 @@ class Settings:
     retry_min_backoff_s: float
     retry_max_backoff_s: float
     stop_wait_s: int
+    broker_heartbeat_timeout_s: float
+    broker_maintenance_interval_s: float
+    budget_usd_per_hour: float
+    agent_starts_per_minute: int
     worker_poll_ms: int
+    reaper_interval_s: float
+    reaper_grace_s: float
 
     @classmethod
     def from_env(cls) -> Settings:
@@ -133,6 +162,7 @@ class Settings:
             claude_bin=os.environ.get("KSI_CLAUDE_BIN") or _default_claude_bin(),
             model=os.environ.get("KSI_MODEL") or "sonnet",
             task_timeout_s=task_timeout_s,
+            idle_timeout_s=_env_float("KSI_IDLE_TIMEOUT_S", 360.0, minimum=1.0),
             api_timeout_s=_env_int("KSI_API_TIMEOUT_S", 300, minimum=1),
             kill_grace_s=_env_float("KSI_KILL_GRACE_S", 5.0),
             metrics_addr=os.environ.get("KSI_METRICS_ADDR") or "127.0.0.1:9870",
@@ -142,7 +172,17 @@ class Settings:
             retry_min_backoff_s=_env_float("KSI_RETRY_MIN_BACKOFF_S", 30.0),
             retry_max_backoff_s=_env_float("KSI_RETRY_MAX_BACKOFF_S", 600.0),
             stop_wait_s=_env_int("KSI_STOP_WAIT_S", 60, minimum=15),
+            broker_heartbeat_timeout_s=_env_float(
+                "KSI_BROKER_HEARTBEAT_TIMEOUT_S", 15.0, minimum=3.0
+            ),
+            broker_maintenance_interval_s=_env_float(
+                "KSI_BROKER_MAINTENANCE_S", 5.0, minimum=0.1
+            ),
+            budget_usd_per_hour=_env_float("KSI_BUDGET_USD_PER_HOUR", 0.0),
+            agent_starts_per_minute=_env_int("KSI_AGENT_STARTS_PER_MINUTE", 0),
             worker_poll_ms=_env_int("KSI_WORKER_POLL_MS", 1000, minimum=10),
+            reaper_interval_s=_env_float("KSI_REAPER_INTERVAL_S", 10.0, minimum=0.1),
+            reaper_grace_s=_env_float("KSI_REAPER_GRACE_S", 60.0),
         )
 
     @property
@@ -153,6 +193,11 @@ class Settings:
     @property
     def run_dir(self) -> Path:
         return self.home / "run"
+
+    @property
+    def prometheus_dir(self) -> Path:
+        """prometheus-client's multiprocess folder (``PROMETHEUS_MULTIPROC_DIR``)."""
+        return self.home / "prometheus"
 
     @property
     def log_dir(self) -> Path:
@@ -172,6 +217,25 @@ class Settings:
         return self.run_dir / "ksi.sock"
 
 
+def redis_password_file(home: Path) -> Path:
+    """Return the file holding the bundle's Redis password (mode 0600)."""
+    return home / "secrets" / "redis.password"
+
+
 def default_redis_url(home: Path) -> str:
-    """Return the URL of the bundle's own Redis on its unix socket."""
-    return f"unix://{quote(str(home / 'run' / 'redis.sock'))}?db=0"
+    """Return the URL of the bundle's own Redis on its unix socket.
+
+    The password comes from ``redis_password_file``, which ``ksi-supervisord``
+    creates on first start; it is never passed on a command line.
+    """
+    socket_path = quote(str(home / "run" / "redis.sock"))
+    try:
+        password = redis_password_file(home).read_text().strip()
+    except FileNotFoundError:
+        return f"unix://{socket_path}?db=0"
+    return f"unix://:{quote(password, safe='')}@{socket_path}?db=0"
+
+
+def redact_url(url: str) -> str:
+    """Return ``url`` with any password replaced by ``***``, for messages."""
+    return re.sub(r"(://[^:/@]*:)[^@]*@", r"\1***@", url)

@@ -22,11 +22,11 @@ from .lifecycle import EventType, TaskStatus
 
 logger = logging.getLogger(__name__)
 
-# KEYS: task hash, event stream.
+# KEYS: task hash, event stream, index of running tasks.
 # ARGV: allowed current statuses (space-separated JSON strings), stream maxlen,
-#       1 to increment the attempt counter, number of field pairs, the field
-#       pairs, then the event's field pairs. The event's "attempt" field is
-#       filled in here so it always matches the record.
+#       1 to increment the attempt counter, the task id, number of field
+#       pairs, the field pairs, then the event's field pairs. The event's
+#       "attempt" field is filled in here so it always matches the record.
 _TRANSITION_LUA = """
 local current = redis.call('HGET', KEYS[1], 'status')
 if not current then
@@ -35,18 +35,21 @@ end
 if not string.find(' ' .. ARGV[1] .. ' ', ' ' .. current .. ' ', 1, true) then
     return {0, current, tonumber(redis.call('HGET', KEYS[1], 'attempt') or '0')}
 end
-local attempt
 if ARGV[3] == '1' then
-    attempt = redis.call('HINCRBY', KEYS[1], 'attempt', 1)
-else
-    attempt = tonumber(redis.call('HGET', KEYS[1], 'attempt') or '0')
+    redis.call('HINCRBY', KEYS[1], 'attempt', 1)
 end
-local nfields = tonumber(ARGV[4])
-local index = 5
+local nfields = tonumber(ARGV[5])
+local index = 6
 if nfields > 0 then
     redis.call('HSET', KEYS[1], unpack(ARGV, index, index + 2 * nfields - 1))
 end
 index = index + 2 * nfields
+local attempt = tonumber(redis.call('HGET', KEYS[1], 'attempt') or '0')
+if redis.call('HGET', KEYS[1], 'status') == '"running"' then
+    redis.call('SADD', KEYS[3], ARGV[4])
+else
+    redis.call('SREM', KEYS[3], ARGV[4])
+end
 local event = {}
 for i = index, #ARGV do
     table.insert(event, ARGV[i])
@@ -88,6 +91,7 @@ def decode_event(entry_id: bytes | str, fields: Mapping[bytes, bytes]) -> dict:
         "attempt": int(text.get("attempt") or 0),
         "ts": float(text.get("ts") or 0),
         "payload": json.loads(text.get("payload") or "{}"),
+        "from_agent": text.get("from_agent") or None,
     }
 
 
@@ -158,11 +162,12 @@ class TaskStore:
         event = self._event_fields(event_type, task_id, payload or {}, attempt=None)
         event_args = [item for pair in event.items() for item in pair]
         applied, before, attempt = self._transition(
-            keys=[keys.task(task_id), keys.EVENT_STREAM],
+            keys=[keys.task(task_id), keys.EVENT_STREAM, keys.RUNNING],
             args=[
                 allowed,
                 self.events_maxlen,
                 "1" if new_attempt else "0",
+                task_id,
                 len(fields),
                 *field_args,
                 *event_args,
@@ -178,15 +183,22 @@ class TaskStore:
         task_id: str | None = None,
         attempt: int = 0,
         payload: Mapping[str, Any] | None = None,
+        from_agent: str | None = None,
     ) -> str:
         """Append an event to the stream and return its stream id."""
+        fields = self._event_fields(event_type, task_id, payload or {}, attempt=attempt)
+        if from_agent:
+            fields["from_agent"] = from_agent
         entry_id = self.client.xadd(
             keys.EVENT_STREAM,
-            self._event_fields(event_type, task_id, payload or {}, attempt=attempt),
+            fields,
             maxlen=self.events_maxlen,
             approximate=True,
         )
         return entry_id.decode()
+
+    def running_task_ids(self) -> list[str]:
+        return [task_id.decode() for task_id in self.client.smembers(keys.RUNNING)]
 
     def list(self, *, status: str | None = None, limit: int = 50) -> list[dict]:
         """Return task records newest first, optionally only those in ``status``."""

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import socket
 import subprocess
 import sys
 import tempfile
@@ -12,9 +13,10 @@ from collections.abc import Mapping
 from pathlib import Path
 
 import psutil
+import redis
 
 from daemon.client import DaemonClient
-from ksi_worker.settings import PROJECT_ROOT
+from ksi_worker.settings import PROJECT_ROOT, default_redis_url
 
 BIN = Path(sys.executable).parent
 
@@ -62,6 +64,10 @@ class Bundle:
             timeout=timeout_s,
         )
 
+    def redis(self) -> redis.Redis:
+        """Return a client of the bundle's Redis, with its password."""
+        return redis.Redis.from_url(default_redis_url(self.home))
+
     def client(self) -> DaemonClient:
         return DaemonClient(self.home / "run" / "ksi.sock")
 
@@ -75,7 +81,7 @@ class Bundle:
 
     def expected_programs(self) -> set[str]:
         workers = {f"ksi:worker_{n:02d}" for n in range(self.workers)}
-        return {"ksi:redis", "ksi:daemon", *workers}
+        return {"ksi:redis", "ksi:daemon", "ksi:metrics", "ksi:reaper", *workers}
 
     def wait_running(self, timeout_s: float = 60) -> None:
         deadline = time.monotonic() + timeout_s
@@ -153,7 +159,16 @@ class Bundle:
         return described
 
     def cleanup(self) -> None:
-        shutil.rmtree(self.home, ignore_errors=True)
+        """Delete KSI_HOME, unless KSI_TEST_KEEP_HOME=1 keeps it for debugging."""
+        if os.environ.get("KSI_TEST_KEEP_HOME") != "1":
+            shutil.rmtree(self.home, ignore_errors=True)
+
+
+def free_port() -> int:
+    """Return a TCP port on 127.0.0.1 that was free a moment ago."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
 
 
 def project_claude_bin() -> str:

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import redis
 
-from tests.bundle import Bundle, project_claude_bin
+from tests.bundle import Bundle, free_port, project_claude_bin
 
 FAKE_CLAUDE = Path(__file__).with_name("fake_claude.py")
 
@@ -101,6 +101,8 @@ def start_bundle(stub_url: str, claude_path: str, **env: str) -> Bundle:
             "ANTHROPIC_BASE_URL": stub_url,
             "ANTHROPIC_API_KEY": "stub-key",
             "KSI_CLAUDE_BIN": claude_path,
+            # Bundles of parallel test runs must not share the default port.
+            "KSI_METRICS_ADDR": f"127.0.0.1:{free_port()}",
             **env,
         }
     )

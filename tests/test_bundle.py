@@ -57,13 +57,15 @@ def test_events_of_a_task_in_order(bundle):
     ]
     assert bundle.ksi("wait", task_id).returncode == 0
 
-    client = redis.Redis.from_url(f"unix://{bundle.home}/run/redis.sock?db=0")
+    client = bundle.redis()
     types = [
         fields[b"event_type"].decode()
         for _, fields in client.xrange(keys.EVENT_STREAM)
         if fields[b"task_id"] == task_id.encode()
     ]
-    assert types == ["TASK_QUEUED", "TASK_STARTED", "TASK_COMPLETED"]
+    assert types[:2] == ["TASK_QUEUED", "TASK_STARTED"]
+    assert types[-1] == "TASK_COMPLETED"
+    assert set(types[2:-1]) == {"TASK_PROGRESS"}
 
 
 def test_non_retryable_failure_is_reported(bundle):
@@ -89,3 +91,29 @@ def test_unreachable_daemon_message(bundle, tmp_path):
     )
     assert done.returncode == 3
     assert "ksi-supervisord" in done.stderr
+
+
+def test_redis_requires_the_generated_password(bundle):
+    password_file = bundle.home / "secrets" / "redis.password"
+    assert password_file.stat().st_mode & 0o777 == 0o600
+    anonymous = redis.Redis(unix_socket_path=str(bundle.home / "run" / "redis.sock"))
+    with pytest.raises(redis.AuthenticationError):
+        anonymous.ping()
+    assert bundle.redis().ping() is True
+
+
+def test_password_never_on_a_command_line(bundle):
+    password = (bundle.home / "secrets" / "redis.password").read_text().strip()
+    for process in bundle.processes():
+        assert password not in " ".join(process.cmdline()), process.pid
+
+
+def test_sockets_and_task_folders_are_private(bundle):
+    run = bundle.home / "run"
+    assert (run / "supervisor.sock").stat().st_mode & 0o777 == 0o700
+    assert (run / "ksi.sock").stat().st_mode & 0o777 == 0o600
+    assert (run / "redis.sock").stat().st_mode & 0o777 == 0o700
+    folders = list((bundle.home / "tasks").iterdir())
+    assert folders
+    for folder in folders:
+        assert folder.stat().st_mode & 0o777 == 0o700

@@ -1,0 +1,1 @@
+"""Benchmarks of KSI against plain Dramatiq and Celery: ``python -m bench``."""
