@@ -38,7 +38,11 @@ def main() -> int:
         redis_client(settings, retries=2), events_maxlen=settings.events_maxlen
     )
     commands = Commands(settings, store, execute_claude_task.send)
-    asyncio.run(serve(settings, store, commands))
+    try:
+        asyncio.run(serve(settings, store, commands))
+    except ValueError as error:
+        logger.error("Daemon cannot start: %s", error)
+        return 2
     logger.info("Daemon stopped.")
     return 0
 
@@ -56,7 +60,10 @@ async def serve(settings: Settings, store: TaskStore, commands: Commands) -> Non
     commands.table["PUBLISH"] = events.publish
     commands.table["EVENTS_INFO"] = events.events_info
     server = DaemonServer(
-        commands, settings.daemon_socket, streams={"SUBSCRIBE": events.subscribe}
+        commands,
+        settings.daemon_socket,
+        streams={"SUBSCRIBE": events.subscribe},
+        socket_group=settings.socket_group,
     )
     bus.start()
     try:

@@ -2,8 +2,7 @@
 
 Exit codes: 0 success, 1 the task failed, 2 invalid usage, 3 the daemon is
 unreachable, 4 the task timed out, 5 the task was cancelled, 6 the daemon
-rejected the request, 130 waiting was interrupted with Ctrl-C (the task goes
-on).
+rejected the request. 130: Ctrl-C interrupted the wait, and the task goes on.
 """
 
 from __future__ import annotations
@@ -259,17 +258,22 @@ def wait(task_id: str, timeout: float | None, as_json: bool) -> None:
     _report(_wait(task_id, timeout, live=live), as_json)
 
 
+def _task_command(command: str, task_id: str, as_json: bool) -> None:
+    """Send a command about one task and print the task's new status."""
+    with _connect() as client:
+        reply = _request(client, command, task_id=task_id)
+    if as_json:
+        _print_json(reply)
+    else:
+        click.echo(f"task {reply['task_id']}: {reply['status']}")
+
+
 @main.command()
 @click.argument("task_id")
 @click.option("--json", "as_json", is_flag=True, help="Print the reply as JSON.")
 def cancel(task_id: str, as_json: bool) -> None:
     """Cancel task TASK_ID, killing its processes if it runs."""
-    with _connect() as client:
-        reply = _request(client, "CANCEL_TASK", task_id=task_id)
-    if as_json:
-        _print_json(reply)
-    else:
-        click.echo(f"task {reply['task_id']}: {reply['status']}")
+    _task_command("CANCEL_TASK", task_id, as_json)
 
 
 @main.command(name="list")
@@ -321,7 +325,7 @@ def health(as_json: bool) -> None:
 @main.command()
 @click.option("--json", "as_json", is_flag=True, help="Print the depths as JSON.")
 def queues(as_json: bool) -> None:
-    """Show how many messages each queue holds per state."""
+    """Show how many messages each queue contains per state."""
     with _connect() as client:
         report = _request(client, "HEALTH_CHECK")
     if "queues" not in report:
@@ -399,12 +403,7 @@ def watch(
 @click.option("--json", "as_json", is_flag=True, help="Print the reply as JSON.")
 def retry(task_id: str, as_json: bool) -> None:
     """Queue a failed, timed-out or cancelled task TASK_ID again."""
-    with _connect() as client:
-        reply = _request(client, "RETRY_TASK", task_id=task_id)
-    if as_json:
-        _print_json(reply)
-    else:
-        click.echo(f"task {reply['task_id']}: {reply['status']}")
+    _task_command("RETRY_TASK", task_id, as_json)
 
 
 @main.group()
@@ -434,12 +433,7 @@ def dlq_list(limit: int, as_json: bool) -> None:
 @click.option("--json", "as_json", is_flag=True, help="Print the reply as JSON.")
 def dlq_retry(task_id: str, as_json: bool) -> None:
     """Replay dead-lettered task TASK_ID; it keeps its id and history."""
-    with _connect() as client:
-        reply = _request(client, "RETRY_TASK", task_id=task_id)
-    if as_json:
-        _print_json(reply)
-    else:
-        click.echo(f"task {reply['task_id']}: {reply['status']}")
+    _task_command("RETRY_TASK", task_id, as_json)
 
 
 @dlq.command(name="purge")

@@ -16,7 +16,6 @@ from typing import Any
 
 import redis
 
-from ksi_worker import keys
 from ksi_worker.lifecycle import EventType, TaskStatus
 from ksi_worker.metrics import TASKS
 from ksi_worker.presence import live_workers
@@ -25,6 +24,7 @@ from ksi_worker.settings import Settings
 from ksi_worker.store import TaskStore, new_task_id, public_record
 from ksi_worker.throttle import spend_last_hour, throttled_agents
 
+from .host_health import claude_cli_problem, supervisor_problems
 from .protocol import (
     ID_PATTERN,
     ProtocolError,
@@ -82,28 +82,63 @@ class Commands:
 
     async def queue_task(self, params: dict[str, Any]) -> dict[str, Any]:
         fields = validate_task_params(params)
-        task_id = new_task_id()
-        key = fields.get("idempotency_key")
-        if key:
-            existing = await asyncio.to_thread(
-                self._claim_idempotency_key, key, task_id
+        depth = await asyncio.to_thread(
+            queue_depth, self.store.client, self.settings.queue
+        )
+        waiting = depth["ready"] + depth["delayed"]
+        if waiting >= self.settings.max_queued:
+            raise ProtocolError(
+                "QUEUE_FULL",
+                f"queue {self.settings.queue} holds {waiting} waiting tasks, the "
+                f"limit KSI_MAX_QUEUED is {self.settings.max_queued}; retry later "
+                "or raise the limit",
             )
-            if existing is not None:
-                record = await asyncio.to_thread(self.store.get, existing)
-                status = record["status"] if record else TaskStatus.QUEUED.value
-                logger.info(
-                    "Task %s returned again for idempotency key %r.", existing, key
-                )
-                return {"task_id": existing, "status": status, "duplicate": True}
-        await asyncio.to_thread(self.store.create, task_id, fields)
+        task_id = new_task_id()
+        # One thread writes the record and sends its message. asyncio.run lets
+        # that thread finish when the daemon stops, so a stop cannot leave a
+        # queued record that no message carries.
+        # NOTE: a daemon killed with SIGKILL between the two still can.
+        record = await asyncio.to_thread(self._create_and_send, task_id, fields)
+        if record["task_id"] != task_id:
+            logger.info(
+                "Task %s returned again for idempotency key %r.",
+                record["task_id"],
+                fields["idempotency_key"],
+            )
+            return {
+                "task_id": record["task_id"],
+                "status": record["status"],
+                "duplicate": True,
+            }
+        logger.info(
+            "Task %s queued (%d prompt bytes, model %s).",
+            task_id,
+            fields["prompt_bytes"],
+            fields.get("model") or self.settings.model,
+        )
+        return {"task_id": task_id, "status": TaskStatus.QUEUED.value}
+
+    def _create_and_send(self, task_id: str, fields: dict[str, Any]) -> dict:
+        """Create the task and send its message; return the record created.
+
+        With an idempotency key that already names a task, nothing is written
+        and that task's record is returned.
+        """
+        record = self.store.create(
+            task_id,
+            fields,
+            idempotency_key=fields.get("idempotency_key"),
+            idempotency_ttl_s=IDEMPOTENCY_TTL_S,
+        )
+        if record["task_id"] != task_id:
+            return record
         try:
-            await asyncio.to_thread(self.send_task, task_id)
+            self.send_task(task_id)
         except Exception as error:
             # The record exists but no message carries it: end it as failed so
             # the client sees the loss instead of a task queued forever.
             logger.error("Task %s could not be enqueued: %s", task_id, error)
-            await asyncio.to_thread(
-                self.store.transition,
+            self.store.transition(
                 task_id,
                 allowed_from=(TaskStatus.QUEUED,),
                 fields={
@@ -119,21 +154,7 @@ class Commands:
             raise ProtocolError(
                 "UNAVAILABLE", f"task {task_id} could not be enqueued: {error}"
             ) from None
-        logger.info(
-            "Task %s queued (%d prompt bytes, model %s).",
-            task_id,
-            fields["prompt_bytes"],
-            fields.get("model") or self.settings.model,
-        )
-        return {"task_id": task_id, "status": TaskStatus.QUEUED.value}
-
-    def _claim_idempotency_key(self, key: str, task_id: str) -> str | None:
-        """Bind ``key`` to ``task_id``; return the task already bound, if any."""
-        redis_key = keys.idempotency(key)
-        if self.store.client.set(redis_key, task_id, nx=True, ex=IDEMPOTENCY_TTL_S):
-            return None
-        existing = self.store.client.get(redis_key)
-        return existing.decode() if existing else None
+        return record
 
     async def task_status(self, params: dict[str, Any]) -> dict[str, Any]:
         reject_unknown(params, {"task_id"})
@@ -262,6 +283,8 @@ class Commands:
             "uptime_s": round(time.time() - self.started_at, 1),
             "connections": self.connections,
         }
+        # Checked before Redis, so that they show while Redis is down too.
+        host_problems = await asyncio.to_thread(self._host_problems)
         try:
             redis_info, workers, depth, throttles = await asyncio.to_thread(
                 self._redis_health
@@ -269,11 +292,11 @@ class Commands:
         except redis.RedisError as error:
             return {
                 "status": "unavailable",
-                "problems": [f"Redis is unreachable: {error}"],
+                "problems": [f"Redis is unreachable: {error}", *host_problems],
                 "redis": {"ok": False, "error": str(error)},
                 "daemon": daemon,
             }
-        problems = list(throttles)
+        problems = [*host_problems, *throttles]
         if not workers:
             problems.append("no live worker; check `ksi-supervisorctl status`")
         return {
@@ -285,6 +308,13 @@ class Commands:
             "queues": {self.settings.queue: depth},
             "daemon": daemon,
         }
+
+    def _host_problems(self) -> list[str]:
+        problems = supervisor_problems(self.settings.run_dir / "supervisor.sock")
+        claude_problem = claude_cli_problem(self.settings.claude_bin)
+        if claude_problem is not None:
+            problems.insert(0, claude_problem)
+        return problems
 
     def _redis_health(self) -> tuple[dict[str, Any], list[dict], dict[str, int], list]:
         client = self.store.client

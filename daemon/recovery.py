@@ -64,6 +64,9 @@ class WorkerLossSweeper:
                 f"{record.get('attempt')}; the broker returns the message to the "
                 "queue and the task runs again"
             )
+            # NOTE: the transition checks the status only. A next attempt that
+            # starts between the read above and this write is marked lost too,
+            # and its outcome is then dropped.
             applied, _, attempt = self.store.transition(
                 task_id,
                 allowed_from=(TaskStatus.RUNNING,),

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import grp
 import logging
 import os
 import signal
@@ -36,12 +37,31 @@ StreamHandler = Callable[
 ]
 
 
+def share_with_group(socket_path: Path, group: str) -> None:
+    """Give ``group`` access to the socket (0660) and its folder (0710).
+
+    Raises ValueError naming the group when the host has no such group.
+    """
+    try:
+        gid = grp.getgrnam(group).gr_gid
+    except KeyError:
+        raise ValueError(
+            f"KSI_SOCKET_GROUP={group!r} is not a group on this host; create it "
+            "or unset KSI_SOCKET_GROUP"
+        ) from None
+    os.chown(socket_path.parent, -1, gid)
+    os.chmod(socket_path.parent, 0o710)
+    os.chown(socket_path, -1, gid)
+    os.chmod(socket_path, 0o660)
+
+
 class DaemonServer:
     """Serves the command table on a Unix socket, one request per line.
 
     Parameters:
       commands: The command handlers.
       socket_path: Path of the Unix socket, created with mode 0600.
+      socket_group: Group that may use the socket too (mode 0660), or None.
       streams: Commands that turn their connection into a stream, such as
         SUBSCRIBE.
     """
@@ -52,10 +72,12 @@ class DaemonServer:
         socket_path: Path,
         *,
         streams: Mapping[str, StreamHandler] | None = None,
+        socket_group: str | None = None,
     ) -> None:
         self.commands = commands
         self.socket_path = socket_path
         self.streams = dict(streams or {})
+        self.socket_group = socket_group
         self.server: asyncio.AbstractServer | None = None
 
     async def start(self) -> None:
@@ -72,6 +94,8 @@ class DaemonServer:
             )
         finally:
             os.umask(old_umask)
+        if self.socket_group:
+            share_with_group(self.socket_path, self.socket_group)
         logger.info("Daemon listening on %s (pid %d).", self.socket_path, os.getpid())
 
     async def serve_until_signalled(self) -> None:

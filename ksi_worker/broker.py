@@ -12,6 +12,7 @@ from dramatiq.middleware import CurrentMessage
 from redis.backoff import ExponentialBackoff
 from redis.retry import Retry
 
+from .consumer import WakingRedisConsumer, push_wake_token
 from .settings import Settings
 
 
@@ -37,13 +38,18 @@ def redis_client(settings: Settings, *, retries: int = 20) -> redis.Redis:
 
 
 class MaintainedRedisBroker(RedisBroker):
-    """A RedisBroker whose queue maintenance runs at least every few seconds.
+    """A RedisBroker whose queue maintenance runs at least every few seconds,
+    and whose idle consumers wake up when a message is enqueued.
 
     Maintenance is the step that returns the unacknowledged messages of a dead
     worker to their queue. RedisBroker (dramatiq 2.2.1) runs it on a random
     0.1% of its Redis calls, so on a quiet bundle a dead worker's task could
     wait without bound. Here each queue also gets maintenance on its first
     call after ``maintenance_interval_s``.
+
+    Every enqueue also pushes a wake-up token for the queue, and consumers are
+    ``WakingRedisConsumer``, which waits for that token instead of sleeping
+    between polls (see ``ksi_worker.consumer``).
 
     Parameters:
       maintenance_interval_s: Longest time between two maintenance passes of
@@ -57,6 +63,18 @@ class MaintainedRedisBroker(RedisBroker):
         self._next_maintenance: dict[str, float] = {}
         self._lock = threading.Lock()
         self._local = threading.local()
+
+    @property
+    def consumer_class(self) -> type[WakingRedisConsumer]:
+        return WakingRedisConsumer
+
+    def enqueue(
+        self, message: dramatiq.Message, *, delay: int | None = None
+    ) -> dramatiq.Message:
+        message = super().enqueue(message, delay=delay)
+        # A delayed message goes to the delay queue, whose name it now carries.
+        push_wake_token(self.client, message.queue_name)
+        return message
 
     # NOTE: _dispatch and _should_do_maintenance are private to dramatiq; this
     # override is checked against 2.2.1, the pinned version.

@@ -83,18 +83,36 @@ def _write_private(path: Path, text: str) -> None:
         file.write(text)
 
 
+def describe_home_error(home: Path, error: OSError) -> str:
+    """Say why KSI_HOME cannot hold the runtime folders, and how to fix it."""
+    path = error.filename or home
+    if isinstance(error, FileExistsError):
+        problem = f"{path} is a file where a folder is needed; remove or move it"
+    elif isinstance(error, NotADirectoryError):
+        problem = f"a part of {path} is a file, not a folder"
+    else:
+        problem = f"cannot write {path} ({error.strerror})"
+    return (
+        f"KSI_HOME={home} cannot be used: {problem}. Set KSI_HOME to a folder "
+        "that this user can write."
+    )
+
+
 def _exec(program: str, args: list[str]) -> None:
     try:
         settings = Settings.from_env()
     except SettingsError as error:
         sys.exit(f"{program}: invalid setting: {error}")
-    make_runtime_folders(settings)
-    if program == "supervisord":
-        # Metrics of an earlier run are stale only while no program runs.
-        remove_stale_files(
-            settings.prometheus_dir,
-            supervisord_pidfile=settings.run_dir / "supervisord.pid",
-        )
+    try:
+        make_runtime_folders(settings)
+        if program == "supervisord":
+            # Metrics of an earlier run are stale only while no program runs.
+            remove_stale_files(
+                settings.prometheus_dir,
+                supervisord_pidfile=settings.run_dir / "supervisord.pid",
+            )
+    except OSError as error:
+        sys.exit(f"ksi-{program}: {describe_home_error(settings.home, error)}")
     os.environ.update(bundle_environment(settings))
     argv = [program, "-c", str(CONFIG), *args]
     os.execvp(os.path.join(os.path.dirname(sys.executable), program), argv)

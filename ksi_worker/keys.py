@@ -20,6 +20,9 @@ Read this module to see everything KSI stores in Redis:
 - ``ksi:workers``: sorted set of live worker ids scored by last heartbeat.
 - ``ksi:worker:<worker_id>``: hash describing one worker process (pid,
   create time, host, threads), expiring when its heartbeats stop.
+- ``ksi:wake:<queue>``: list of wake-up tokens, one pushed after each enqueue
+  on that Dramatiq queue and popped by an idle consumer (BLPOP), capped at a
+  few dozen entries (see ``ksi_worker.consumer``).
 """
 
 PREFIX = "ksi"
@@ -48,3 +51,7 @@ def session(claude_session_id: str) -> str:
 
 def worker(worker_id: str) -> str:
     return f"{PREFIX}:worker:{worker_id}"
+
+
+def wake(queue_name: str) -> str:
+    return f"{PREFIX}:wake:{queue_name}"

@@ -114,6 +114,12 @@ class Settings:
         (``KSI_AGENT_STARTS_PER_MINUTE``, default 0: no limit).
       worker_poll_ms: Longest pause of an idle worker between queue polls, in
         milliseconds (``KSI_WORKER_POLL_MS``, default 1000).
+      max_queued: Most tasks waiting in the queue (ready plus delayed) before
+        QUEUE_TASK is rejected with QUEUE_FULL (``KSI_MAX_QUEUED``, default
+        10000).
+      socket_group: Group given read and write access to the daemon socket
+        (mode 0660) and passage through ``KSI_HOME/run`` (``KSI_SOCKET_GROUP``,
+        default none: socket mode 0600).
       reaper_interval_s: Seconds between two scans of the reaper
         (``KSI_REAPER_INTERVAL_S``, default 10).
       reaper_grace_s: Seconds a task's process may outlive the task's time
@@ -142,6 +148,8 @@ class Settings:
     budget_usd_per_hour: float
     agent_starts_per_minute: int
     worker_poll_ms: int
+    max_queued: int
+    socket_group: str | None
     reaper_interval_s: float
     reaper_grace_s: float
 
@@ -181,6 +189,8 @@ class Settings:
             budget_usd_per_hour=_env_float("KSI_BUDGET_USD_PER_HOUR", 0.0),
             agent_starts_per_minute=_env_int("KSI_AGENT_STARTS_PER_MINUTE", 0),
             worker_poll_ms=_env_int("KSI_WORKER_POLL_MS", 1000, minimum=10),
+            max_queued=_env_int("KSI_MAX_QUEUED", 10_000, minimum=1),
+            socket_group=os.environ.get("KSI_SOCKET_GROUP") or None,
             reaper_interval_s=_env_float("KSI_REAPER_INTERVAL_S", 10.0, minimum=0.1),
             reaper_grace_s=_env_float("KSI_REAPER_GRACE_S", 60.0),
         )
@@ -231,7 +241,9 @@ def default_redis_url(home: Path) -> str:
     socket_path = quote(str(home / "run" / "redis.sock"))
     try:
         password = redis_password_file(home).read_text().strip()
-    except FileNotFoundError:
+    except (FileNotFoundError, NotADirectoryError):
+        # NotADirectoryError: KSI_HOME or a folder in it is a file, which
+        # ksi-supervisord reports when it creates the runtime folders.
         return f"unix://{socket_path}?db=0"
     return f"unix://:{quote(password, safe='')}@{socket_path}?db=0"
 

@@ -108,8 +108,51 @@ class TaskStore:
         self.events_maxlen = events_maxlen
         self._transition = client.register_script(_TRANSITION_LUA)
 
-    def create(self, task_id: str, fields: Mapping[str, Any]) -> dict[str, Any]:
-        """Write a new task record in state ``queued`` and emit TASK_QUEUED."""
+    def create(
+        self,
+        task_id: str,
+        fields: Mapping[str, Any],
+        *,
+        idempotency_key: str | None = None,
+        idempotency_ttl_s: int = 24 * 3600,
+    ) -> dict[str, Any]:
+        """Write a new task record in state ``queued`` and emit TASK_QUEUED.
+
+        With ``idempotency_key``, the task is created only if the key names no
+        task yet, and the record of the task it names is returned otherwise.
+        The key and the record are written in one transaction, so a failure
+        leaves neither and a retry with the same key creates the task.
+        """
+        if idempotency_key is None:
+            pipe = self.client.pipeline(transaction=True)
+            record = self._write_new(pipe, task_id, fields)
+            pipe.execute()
+            return record
+
+        claim = keys.idempotency(idempotency_key)
+        found: dict[str, Any] = {}
+
+        def write(pipe: redis.client.Pipeline) -> None:
+            found.clear()
+            bound = pipe.get(claim)
+            if bound is not None:
+                existing = pipe.hgetall(keys.task(bound.decode()))
+                if existing:
+                    found.update(_decode(existing))
+                    return
+                # The key names a task that was never written, as a daemon that
+                # claimed keys in a separate step could leave, so it is reused.
+            pipe.multi()
+            pipe.set(claim, task_id, ex=idempotency_ttl_s)
+            found.update(self._write_new(pipe, task_id, fields))
+
+        self.client.transaction(write, claim)
+        return dict(found)
+
+    def _write_new(
+        self, pipe: redis.client.Pipeline, task_id: str, fields: Mapping[str, Any]
+    ) -> dict[str, Any]:
+        """Add the writes of a new queued task to ``pipe``; return its record."""
         now = time.time()
         record = {
             **fields,
@@ -118,7 +161,6 @@ class TaskStore:
             "attempt": 0,
             "created_at": now,
         }
-        pipe = self.client.pipeline(transaction=True)
         pipe.hset(keys.task(task_id), mapping=_encode(record))
         pipe.zadd(keys.TASK_INDEX, {task_id: now})
         pipe.xadd(
@@ -127,7 +169,6 @@ class TaskStore:
             maxlen=self.events_maxlen,
             approximate=True,
         )
-        pipe.execute()
         return record
 
     def get(self, task_id: str) -> dict[str, Any] | None:

@@ -8,6 +8,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -54,9 +55,7 @@ def claude_bin() -> str:
     return path
 
 
-@pytest.fixture
-def redis_server(tmp_path_factory) -> Iterator[str]:
-    """Run a private redis-server on a unix socket; yield its URL."""
+def _run_redis() -> Iterator[str]:
     folder = Path(tempfile.mkdtemp(prefix="ksi-redis-"))
     sock = folder / "redis.sock"
     process = subprocess.Popen(
@@ -95,6 +94,18 @@ def redis_server(tmp_path_factory) -> Iterator[str]:
         process.wait(timeout=10)
 
 
+@pytest.fixture
+def redis_server() -> Iterator[str]:
+    """Run a private redis-server on a unix socket; yield its URL."""
+    yield from _run_redis()
+
+
+@pytest.fixture(scope="module")
+def redis_server_module() -> Iterator[str]:
+    """Like redis_server, shared by the tests of one module."""
+    yield from _run_redis()
+
+
 def start_bundle(stub_url: str, claude_path: str, **env: str) -> Bundle:
     bundle = Bundle(
         {
@@ -122,3 +133,39 @@ def bundle(stub_api, claude_bin) -> Iterator[Bundle]:
     left = started.stop()
     assert left == [], f"processes left after shutdown: {left}"
     started.cleanup()
+
+
+@dataclass
+class DaemonProcess:
+    """A ``python -m daemon`` started by a test, on a private Redis."""
+
+    socket: Path
+    process: subprocess.Popen
+    log: Path
+    redis_url: str
+
+
+def start_daemon(redis_url: str, *, preexec_fn=None, **env: str) -> DaemonProcess:
+    """Start the daemon with no workers and wait for its socket."""
+    home = Path(tempfile.mkdtemp(prefix="ksi-d-", dir="/tmp"))
+    log = home / "daemon.log"
+    process = subprocess.Popen(
+        [sys.executable, "-m", "daemon"],
+        env={**os.environ, "KSI_HOME": str(home), "KSI_REDIS_URL": redis_url, **env},
+        stderr=log.open("wb"),
+        preexec_fn=preexec_fn,
+    )
+    sock = home / "run" / "ksi.sock"
+    deadline = time.monotonic() + 15
+    while not sock.exists():
+        assert process.poll() is None, log.read_text()
+        assert time.monotonic() < deadline, "daemon socket never appeared"
+        time.sleep(0.05)
+    return DaemonProcess(sock, process, log, redis_url)
+
+
+def stop_daemon(daemon: DaemonProcess) -> None:
+    """Stop the daemon and check that it exited cleanly."""
+    if daemon.process.poll() is None:
+        daemon.process.terminate()
+    assert daemon.process.wait(timeout=15) == 0, daemon.log.read_text()

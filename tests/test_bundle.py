@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import json
 import subprocess
+import time
 
 import pytest
 import redis
 
 from ksi_worker import keys
+from ksi_worker.proctree import find_task_processes
 from tests.bundle import BIN
 
 pytestmark = [pytest.mark.bundle, pytest.mark.timeout(300)]
@@ -117,3 +119,20 @@ def test_sockets_and_task_folders_are_private(bundle):
     assert folders
     for folder in folders:
         assert folder.stat().st_mode & 0o777 == 0o700
+
+
+def test_prompt_never_on_a_command_line(bundle):
+    secret = "prompt-text-that-must-stay-private"
+    with bundle.client() as client:
+        task_id = client.request("QUEUE_TASK", prompt=f"{secret} [stub:slow=3]")[
+            "task_id"
+        ]
+    deadline = time.monotonic() + 30
+    seen = []
+    while not seen and time.monotonic() < deadline:
+        seen = find_task_processes(task_id)
+        time.sleep(0.1)
+    assert seen, "the task's claude process never appeared"
+    for process in seen:
+        assert secret not in " ".join(process.cmdline())
+    assert bundle.ksi("wait", task_id).returncode == 0

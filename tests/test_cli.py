@@ -20,8 +20,6 @@ from tests.conftest import start_bundle
 
 pytestmark = [pytest.mark.bundle, pytest.mark.timeout(300)]
 
-EXIT_MARK = re.compile(r"__exit_(\d+)__")
-
 
 class Terminal:
     """A tmux session of 200x50 on a private tmux server, running bash."""
@@ -32,6 +30,7 @@ class Terminal:
         self.folder = Path(tempfile.mkdtemp(prefix="ksi-tmux-", dir="/tmp"))
         self.socket = self.folder / "tmux.sock"
         self.env = {**env, "TERM": "xterm-256color", "PS1": "$ "}
+        self.commands = 0
         self._tmux(
             "new-session",
             "-d",
@@ -60,17 +59,24 @@ class Terminal:
     def keys(self, *keys: str) -> None:
         self._tmux("send-keys", "-t", "ksi", *keys)
 
-    def run(self, command: str, timeout_s: float = 120) -> tuple[int, str]:
-        """Type ``command`` on a cleared screen; return its exit code and screen."""
+    def start(self, command: str) -> None:
+        """Type ``command`` on a cleared screen, followed by an exit code mark."""
+        self.commands += 1
         self.keys("clear", "Enter")
-        self.keys(f"{command}; echo __exit_$?__", "Enter")
+        self.keys(f"{command}; echo __exit_{self.commands}_$?__", "Enter")
+
+    def run(self, command: str, timeout_s: float = 120) -> tuple[int, str]:
+        """Run ``command``; return its exit code and the screen."""
+        self.start(command)
         return self.wait_exit(timeout_s)
 
     def wait_exit(self, timeout_s: float = 120) -> tuple[int, str]:
+        """Wait for the last started command; return its exit code and screen."""
+        mark = re.compile(rf"__exit_{self.commands}_(\d+)__")
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
             screen = self.screen()
-            found = EXIT_MARK.search(screen)
+            found = mark.search(screen)
             if found:
                 return int(found.group(1)), screen
             time.sleep(0.2)
@@ -158,8 +164,7 @@ def test_terminal_status_list_queues_health(terminal, cli_bundle):
 
 def test_terminal_wait_and_cancel(terminal, cli_bundle):
     task_id = _submit(cli_bundle, "slow one [stub:slow=60]")
-    terminal.keys("clear", "Enter")
-    terminal.keys(f"{KSI} wait {task_id}; echo __exit_$?__", "Enter")
+    terminal.start(f"{KSI} wait {task_id}")
     terminal.wait_for("running")
 
     cancelled = cli_bundle.ksi("cancel", task_id)
@@ -175,8 +180,7 @@ def test_terminal_wait_and_cancel(terminal, cli_bundle):
 
 def test_terminal_wait_interrupted_exits_130(terminal, cli_bundle):
     task_id = _submit(cli_bundle, "interrupted wait [stub:slow=60]")
-    terminal.keys("clear", "Enter")
-    terminal.keys(f"{KSI} wait {task_id}; echo __exit_$?__", "Enter")
+    terminal.start(f"{KSI} wait {task_id}")
     terminal.wait_for("elapsed")  # the live view is drawn
     terminal.keys("C-c")
     code, screen = terminal.wait_exit(15)
@@ -187,8 +191,7 @@ def test_terminal_wait_interrupted_exits_130(terminal, cli_bundle):
 
 
 def test_terminal_watch_until_interrupted(terminal, cli_bundle):
-    terminal.keys("clear", "Enter")
-    terminal.keys(f"{KSI} watch --type TASK_COMPLETED; echo __exit_$?__", "Enter")
+    terminal.start(f"{KSI} watch --type TASK_COMPLETED")
     time.sleep(1.5)  # let watch subscribe before the task ends
     task_id = _submit(cli_bundle, "watched task")
     screen = terminal.wait_for(task_id)

@@ -3,12 +3,7 @@
 from __future__ import annotations
 
 import json
-import os
 import socket
-import subprocess
-import sys
-import tempfile
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -18,29 +13,15 @@ import redis
 from daemon.client import CommandError, DaemonClient
 from ksi_worker import keys
 from ksi_worker.queues import queue_depth
+from tests.conftest import start_daemon, stop_daemon
 
 
 @pytest.fixture
 def daemon(redis_server) -> Iterator[Path]:
     """Run ``python -m daemon`` on a private Redis; yield its socket path."""
-    home = Path(tempfile.mkdtemp(prefix="ksi-d-", dir="/tmp"))
-    env = {**os.environ, "KSI_HOME": str(home), "KSI_REDIS_URL": redis_server}
-    process = subprocess.Popen(
-        [sys.executable, "-m", "daemon"],
-        env=env,
-        stderr=open(home / "daemon.log", "wb"),  # noqa: SIM115
-    )
-    sock = home / "run" / "ksi.sock"
-    deadline = time.monotonic() + 15
-    while not sock.exists():
-        assert process.poll() is None, (home / "daemon.log").read_text()
-        assert time.monotonic() < deadline, "daemon socket never appeared"
-        time.sleep(0.05)
-    try:
-        yield sock
-    finally:
-        process.terminate()
-        assert process.wait(timeout=10) == 0
+    started = start_daemon(redis_server)
+    yield started.socket
+    stop_daemon(started)
 
 
 def _raw(sock_path: Path, payload: bytes) -> list[dict]:

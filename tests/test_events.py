@@ -7,17 +7,13 @@ whole bundle under supervisord with the real CLI against the stand-in API.
 from __future__ import annotations
 
 import json
-import os
 import selectors
 import signal
 import socket
 import subprocess
-import sys
-import tempfile
 import threading
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -29,42 +25,19 @@ from daemon.events import SUBSCRIBER_QUEUE_EVENTS
 from ksi_worker import keys
 from ksi_worker.proctree import find_task_processes
 from tests.bundle import BIN
-from tests.conftest import start_bundle
+from tests.conftest import DaemonProcess, start_bundle, start_daemon, stop_daemon
 
 pytestmark = pytest.mark.timeout(300)
 
 LIFECYCLE = ["TASK_QUEUED", "TASK_STARTED", "TASK_PROGRESS", "TASK_COMPLETED"]
 
 
-@dataclass
-class Daemon:
-    socket: Path
-    process: subprocess.Popen
-    log: Path
-    redis_url: str
-
-
 @pytest.fixture
-def daemon(redis_server) -> Iterator[Daemon]:
+def daemon(redis_server) -> Iterator[DaemonProcess]:
     """Run ``python -m daemon`` on a private Redis, with no workers."""
-    home = Path(tempfile.mkdtemp(prefix="ksi-e-", dir="/tmp"))
-    env = {**os.environ, "KSI_HOME": str(home), "KSI_REDIS_URL": redis_server}
-    log = home / "daemon.log"
-    process = subprocess.Popen(
-        [sys.executable, "-m", "daemon"], env=env, stderr=log.open("wb")
-    )
-    sock = home / "run" / "ksi.sock"
-    deadline = time.monotonic() + 15
-    while not sock.exists():
-        assert process.poll() is None, log.read_text()
-        assert time.monotonic() < deadline, "daemon socket never appeared"
-        time.sleep(0.05)
-    try:
-        yield Daemon(sock, process, log, redis_server)
-    finally:
-        if process.poll() is None:
-            process.terminate()
-        assert process.wait(timeout=15) == 0, log.read_text()
+    started = start_daemon(redis_server)
+    yield started
+    stop_daemon(started)
 
 
 def _subscribe(sock: Path, **params) -> tuple[DaemonClient, dict]:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 import socket
 import tempfile
 import threading
@@ -15,7 +16,7 @@ from daemon.follow import wait_for_task
 
 
 class OldDaemon:
-    """A Unix-socket server that knows TASK_STATUS only, as older daemons did.
+    """A Unix-socket server that supports only TASK_STATUS, like older daemons.
 
     The task it reports is running for ``running_polls`` requests, then
     succeeded.
@@ -65,6 +66,16 @@ def old_daemon() -> Iterator[OldDaemon]:
     server = OldDaemon(folder / "ksi.sock", running_polls=3)
     yield server
     server.close()
+    shutil.rmtree(folder, ignore_errors=True)
+
+
+@pytest.fixture
+def stuck_daemon() -> Iterator[OldDaemon]:
+    folder = Path(tempfile.mkdtemp(prefix="ksi-old-", dir="/tmp"))
+    server = OldDaemon(folder / "ksi.sock", running_polls=10_000)
+    yield server
+    server.close()
+    shutil.rmtree(folder, ignore_errors=True)
 
 
 def test_wait_polls_when_subscribe_is_unknown(old_daemon):
@@ -74,10 +85,6 @@ def test_wait_polls_when_subscribe_is_unknown(old_daemon):
     assert old_daemon.commands[1:] == ["TASK_STATUS"] * 4
 
 
-def test_wait_polling_times_out():
-    server = OldDaemon(Path(tempfile.mkdtemp(dir="/tmp")) / "s.sock", 10_000)
-    try:
-        with pytest.raises(TimeoutError):
-            wait_for_task(server.path, "t1", timeout_s=1.2)
-    finally:
-        server.close()
+def test_wait_polling_times_out(stuck_daemon):
+    with pytest.raises(TimeoutError):
+        wait_for_task(stuck_daemon.path, "t1", timeout_s=1.2)
