@@ -1,7 +1,7 @@
 """The trivial task that every system under test runs, and its timing record.
 
 A task runs the instant fake ``claude`` (``bench/instant_claude``) with a
-prompt on stdin, as a KSI worker does, and stores when the task function
+prompt on stdin, as a KSI worker does. It stores when the task function
 started and when the child process started, so that each system's latency is
 measured to the same two points.
 """

@@ -3,10 +3,11 @@
 Usage, from the project root: ``.venv/bin/python -m bench [--smoke]``.
 
 It starts everything it measures in temporary folders under /tmp and stops it
-again: a KSI bundle whose ``claude`` is the instant fake, plain Dramatiq and
-Celery workers each on their own redis-server (unix socket, no TCP port), a
-second bundle with the real pinned CLI and the local Messages API stand-in,
-and the setups of the older scripts of ``bench/``. The three queues run side by
+again. That is a KSI bundle whose ``claude`` is the instant fake, and plain
+Dramatiq and Celery workers, each baseline on its own redis-server (unix
+socket, no TCP port). Then a second bundle with the real pinned CLI and the
+local Messages API stand-in, and the setups of the older scripts of
+``bench/``. The three queues run side by
 side and their runs are interleaved, so a change in the machine's load hits
 all three alike. A full run writes its summary at the top of
 ``bench/RESULTS.md``; ``--smoke`` runs tiny counts and writes only where

@@ -421,8 +421,8 @@ class KsiSystem(System):
         return self.completed
 
     def programs(self) -> dict[str, list[psutil.Process]]:
-        # Asking supervisorctl takes most of a second, and no program of the
-        # bundle restarts during a benchmark, so the first answer is kept.
+        # A supervisorctl call takes most of a second, and no program of the
+        # bundle restarts during a benchmark, so the first result is cached.
         if self._programs is None:
             self._programs = self._read_programs()
         return self._programs

@@ -2,7 +2,9 @@
 
 Exit codes: 0 success, 1 the task failed, 2 invalid usage, 3 the daemon is
 unreachable, 4 the task timed out, 5 the task was cancelled, 6 the daemon
-rejected the request. 130: Ctrl-C interrupted the wait, and the task goes on.
+rejected the request, 7 ``--timeout`` of ``wait`` ran out while the task goes
+on, 8 ``health`` found the bundle unhealthy. 130: Ctrl-C interrupted the wait,
+and the task goes on.
 """
 
 from __future__ import annotations
@@ -10,6 +12,7 @@ from __future__ import annotations
 import json
 import logging
 import sys
+import time
 from typing import Any, NoReturn
 
 import click
@@ -28,6 +31,7 @@ from .display import (
     tasks_table,
 )
 from .follow import EventFollower, wait_for_task
+from .protocol import MAX_PROMPT_BYTES
 
 EXIT_OK = 0
 EXIT_TASK_FAILED = 1
@@ -36,7 +40,13 @@ EXIT_UNREACHABLE = 3
 EXIT_TIMED_OUT = 4
 EXIT_CANCELLED = 5
 EXIT_REJECTED = 6
+EXIT_WAIT_TIMEOUT = 7
+EXIT_UNHEALTHY = 8
 EXIT_INTERRUPTED = 130
+
+#: Seconds ``ksi`` keeps trying a missing daemon socket, so a command right
+#: after ``ksi-supervisord`` finds the daemon once it has started.
+CONNECT_WAIT_S = 5.0
 
 EXIT_BY_STATUS = {
     "succeeded": EXIT_OK,
@@ -61,10 +71,14 @@ def _fail_unreachable(error: Exception) -> NoReturn:
 
 def _connect() -> DaemonClient:
     settings = Settings.from_env()
-    try:
-        return DaemonClient(settings.daemon_socket)
-    except DaemonUnavailable as error:
-        _fail_unreachable(error)
+    deadline = time.monotonic() + CONNECT_WAIT_S
+    while True:
+        try:
+            return DaemonClient(settings.daemon_socket)
+        except DaemonUnavailable as error:
+            if time.monotonic() >= deadline:
+                _fail_unreachable(error)
+            time.sleep(0.2)
 
 
 def _request(client: DaemonClient, command: str, **params: Any) -> dict[str, Any]:
@@ -106,7 +120,10 @@ def _wait(
                 on_event=view.update,
             )
     except TimeoutError:
-        _fail(f"task {task_id} did not end within {timeout_s:g} s", EXIT_TIMED_OUT)
+        _fail(
+            f"task {task_id} did not end within {timeout_s:g} s; it goes on",
+            EXIT_WAIT_TIMEOUT,
+        )
     except KeyboardInterrupt:
         _fail(
             f"interrupted; task {task_id} goes on (`ksi wait {task_id}` to follow "
@@ -140,9 +157,8 @@ def _report(record: dict[str, Any], as_json: bool) -> NoReturn:
     elif status == "succeeded":
         click.echo(record.get("result") or "")
     else:
-        click.echo(
-            f"task {record['task_id']} {status}: {record.get('error') or ''}", err=True
-        )
+        reason = record.get("error") or "no error recorded"
+        click.echo(f"task {record['task_id']} ended {status}: {reason}", err=True)
     sys.exit(EXIT_BY_STATUS.get(status, EXIT_TASK_FAILED))
 
 
@@ -167,7 +183,11 @@ def main() -> None:
     help="Comma-separated tools Claude may use without asking, e.g. Bash,Read.",
 )
 @click.option("--resume", "session_id", help="Claude session id to continue.")
-@click.option("--max-retries", type=int, help="Retries after a retryable failure.")
+@click.option(
+    "--max-retries",
+    type=int,
+    help="Retries after a retryable failure (default: KSI_MAX_RETRIES, 3).",
+)
 @click.option("--retry-on-timeout", is_flag=True, help="Retry after a timeout.")
 @click.option("--agent", "agent_id", help="Agent id, for the per-agent start limit.")
 @click.option(
@@ -198,8 +218,15 @@ def submit(
     """Queue PROMPT as a Claude task ('-' reads the prompt from stdin)."""
     if prompt == "-":
         prompt = sys.stdin.read()
+    size = len(prompt.encode("utf-8", errors="surrogatepass"))
+    if size > MAX_PROMPT_BYTES:
+        _fail(
+            f"the prompt is {size} bytes, above the limit of {MAX_PROMPT_BYTES} "
+            "bytes; shorten it or put the material in files the task can read",
+            EXIT_REJECTED,
+        )
     params: dict[str, Any] = {"prompt": prompt}
-    if model:
+    if model is not None:
         params["model"] = model
     if timeout is not None:
         params["timeout_s"] = timeout
@@ -319,7 +346,7 @@ def health(as_json: bool) -> None:
                     f"queue {queue}: {depth['ready']} ready, {depth['delayed']} "
                     f"delayed, {depth['dead']} dead"
                 )
-    sys.exit(EXIT_OK if report["status"] == "ok" else EXIT_TASK_FAILED)
+    sys.exit(EXIT_OK if report["status"] == "ok" else EXIT_UNHEALTHY)
 
 
 @main.command()
@@ -421,6 +448,8 @@ def dlq_list(limit: int, as_json: bool) -> None:
     if as_json:
         _print_json(reply)
         return
+    if not reply["dead_letters"]:
+        click.echo(f"no dead letters in queue {reply['queue']}")
     for letter in reply["dead_letters"]:
         click.echo(
             f"{letter['task_id']}  attempt {letter.get('attempt')}  "

@@ -48,8 +48,18 @@ class DaemonClient:
     def request(self, command: str, **params: Any) -> dict[str, Any]:
         """Send one command and return its result; raise CommandError on error."""
         request_id = next(self.ids)
-        line = json.dumps({"id": request_id, "command": command, "params": params})
-        self.sock.sendall(line.encode() + b"\n")
+        # Raw UTF-8, not \u escapes, so a prompt's size on the wire stays close
+        # to its size in bytes.
+        line = json.dumps(
+            {"id": request_id, "command": command, "params": params},
+            ensure_ascii=False,
+        )
+        try:
+            self.sock.sendall(line.encode("utf-8", errors="surrogatepass") + b"\n")
+        except (BrokenPipeError, ConnectionResetError):
+            # The daemon may close a connection whose line is too long before
+            # reading all of it; its reply, if any, says why.
+            pass
         reply = self.read_reply()
         if reply.get("status") != "ok":
             error = reply.get("error") or {}

@@ -82,6 +82,9 @@ class Commands:
 
     async def queue_task(self, params: dict[str, Any]) -> dict[str, Any]:
         fields = validate_task_params(params)
+        # Record the defaults in force now, so the record says what ran.
+        fields.setdefault("model", self.settings.model)
+        fields.setdefault("timeout_s", self.settings.task_timeout_s)
         depth = await asyncio.to_thread(
             queue_depth, self.store.client, self.settings.queue
         )
@@ -188,6 +191,8 @@ class Commands:
             fields={
                 "status": TaskStatus.CANCELLED.value,
                 "finished_at": time.time(),
+                "error": "cancelled by request before it started",
+                "error_class": "cancelled",
             },
             event_type=EventType.TASK_CANCELLED,
             payload={"status": TaskStatus.CANCELLED.value, "before_start": True},

@@ -151,7 +151,9 @@ class TaskView:
 
 def tasks_table(tasks: list[dict[str, Any]]) -> Table:
     table = Table(box=None, header_style="bold")
-    for name in ("task", "status", "attempt", "created", "elapsed s", "error"):
+    # Task ids are never cut, so they can be copied into other commands.
+    table.add_column("task", no_wrap=True, min_width=32)
+    for name in ("status", "attempt", "created", "elapsed s", "error"):
         table.add_column(name)
     for record in tasks:
         status = record.get("status", "")

@@ -26,7 +26,9 @@ from typing import Any
 from ksi_worker.settings import MAX_TASK_TIMEOUT_S
 
 #: Longest request line accepted, in bytes; longer lines close the connection.
-MAX_LINE_BYTES = 2 * 1024 * 1024
+#: It leaves room for a prompt at MAX_PROMPT_BYTES whose every character a
+#: client escaped as ``\uXXXX`` (6 bytes for 1).
+MAX_LINE_BYTES = 7 * 1024 * 1024
 
 #: Largest prompt accepted, in UTF-8 bytes.
 MAX_PROMPT_BYTES = 1024 * 1024
@@ -37,6 +39,15 @@ MAX_ALLOWED_TOOLS = 64
 MODEL_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:\[\]-]{0,127}$")
 TOOL_PATTERN = re.compile(r"^[A-Za-z][A-Za-z0-9_-]{0,127}(\([^()\n]{0,512}\))?$")
 ID_PATTERN = re.compile(r"^[A-Za-z0-9_.:-]{1,128}$")
+
+#: What each pattern accepts, in words for error messages.
+FORMAT_HINTS = {
+    MODEL_PATTERN.pattern: (
+        "a model name or alias such as 'sonnet' or 'claude-sonnet-4-5': "
+        "letters, digits and . _ : - [ ], at most 128 characters"
+    ),
+    ID_PATTERN.pattern: "1 to 128 letters, digits, '.', '_', ':' or '-'",
+}
 
 
 class ProtocolError(Exception):
@@ -132,7 +143,10 @@ def require_str(params: Mapping[str, Any], name: str, pattern: re.Pattern[str]) 
     if not isinstance(value, str):
         raise invalid(f"{name} must be a string, got {_type(value)}")
     if not pattern.match(value):
-        raise invalid(f"{name}={_show(value)} has an invalid format")
+        raise invalid(
+            f"{name}={_show(value)} has an invalid format; use "
+            f"{FORMAT_HINTS.get(pattern.pattern, 'the documented format')}"
+        )
     return value
 
 

@@ -64,9 +64,6 @@ class WorkerLossSweeper:
                 f"{record.get('attempt')}; the broker returns the message to the "
                 "queue and the task runs again"
             )
-            # NOTE: the transition checks the status only. A next attempt that
-            # starts between the read above and this write is marked lost too,
-            # and its outcome is then dropped.
             applied, _, attempt = self.store.transition(
                 task_id,
                 allowed_from=(TaskStatus.RUNNING,),
@@ -77,6 +74,11 @@ class WorkerLossSweeper:
                 },
                 event_type=EventType.TASK_RETRYING,
                 payload={"error_class": "worker_lost", "delay_s": None},
+                # A next attempt may have started since the record was read.
+                require={
+                    "attempt": record.get("attempt"),
+                    "worker_id": record.get("worker_id"),
+                },
             )
             if applied:
                 logger.warning(

@@ -55,6 +55,11 @@ def share_with_group(socket_path: Path, group: str) -> None:
     os.chmod(socket_path, 0o660)
 
 
+#: Connections the kernel queues before the daemon accepts them (Linux caps
+#: it at net.core.somaxconn). A burst of clients past it waits to connect.
+LISTEN_BACKLOG = 1024
+
+
 class DaemonServer:
     """Serves the command table on a Unix socket, one request per line.
 
@@ -90,7 +95,10 @@ class DaemonServer:
         old_umask = os.umask(0o177)
         try:
             self.server = await asyncio.start_unix_server(
-                self.handle_connection, path=str(self.socket_path), limit=MAX_LINE_BYTES
+                self.handle_connection,
+                path=str(self.socket_path),
+                limit=MAX_LINE_BYTES,
+                backlog=LISTEN_BACKLOG,
             )
         finally:
             os.umask(old_umask)

@@ -173,6 +173,9 @@ class TaskAttempt:
                 "folder": str(folder),
                 "cancel_requested": False,
                 "waiting_reason": None,
+                # An error of an earlier attempt no longer describes the task.
+                "error": None,
+                "error_class": None,
             },
             event_type=EventType.TASK_STARTED,
             payload={"worker_id": worker_id_of(identity)},
@@ -268,7 +271,12 @@ class TaskAttempt:
             "exit_code": claude_run.returncode,
         }
         if claude_run.stopped_by == "cancel":
-            self._end(TaskStatus.CANCELLED, common, {"reason": "cancelled by request"})
+            reason = "cancelled by request while running"
+            self._end(
+                TaskStatus.CANCELLED,
+                {**common, "error": reason, "error_class": "cancelled"},
+                {"reason": reason},
+            )
             return
         if claude_run.stopped_by in ("timeout", "idle_timeout"):
             message = (

@@ -24,9 +24,11 @@ logger = logging.getLogger(__name__)
 
 # KEYS: task hash, event stream, index of running tasks.
 # ARGV: allowed current statuses (space-separated JSON strings), stream maxlen,
-#       1 to increment the attempt counter, the task id, number of field
-#       pairs, the field pairs, then the event's field pairs. The event's
-#       "attempt" field is filled in here so it always matches the record.
+#       1 to increment the attempt counter, the task id, number of required
+#       field pairs, the required pairs (field, JSON value that it must hold),
+#       number of field pairs, the field pairs, then the event's field pairs.
+#       The event's "attempt" field is filled in here so it always matches the
+#       record.
 _TRANSITION_LUA = """
 local current = redis.call('HGET', KEYS[1], 'status')
 if not current then
@@ -35,11 +37,19 @@ end
 if not string.find(' ' .. ARGV[1] .. ' ', ' ' .. current .. ' ', 1, true) then
     return {0, current, tonumber(redis.call('HGET', KEYS[1], 'attempt') or '0')}
 end
+local nrequired = tonumber(ARGV[5])
+local index = 6
+for i = index, index + 2 * nrequired - 1, 2 do
+    if redis.call('HGET', KEYS[1], ARGV[i]) ~= ARGV[i + 1] then
+        return {0, current, tonumber(redis.call('HGET', KEYS[1], 'attempt') or '0')}
+    end
+end
+index = index + 2 * nrequired
 if ARGV[3] == '1' then
     redis.call('HINCRBY', KEYS[1], 'attempt', 1)
 end
-local nfields = tonumber(ARGV[5])
-local index = 6
+local nfields = tonumber(ARGV[index])
+index = index + 1
 if nfields > 0 then
     redis.call('HSET', KEYS[1], unpack(ARGV, index, index + 2 * nfields - 1))
 end
@@ -192,13 +202,18 @@ class TaskStore:
         event_type: EventType,
         payload: Mapping[str, Any] | None = None,
         new_attempt: bool = False,
+        require: Mapping[str, Any] | None = None,
     ) -> tuple[bool, TaskStatus | None, int]:
         """Apply a state change only if the task is in one of ``allowed_from``.
 
+        ``require`` maps record fields to the values they must still hold, so
+        a caller that read the record earlier changes only what it read.
         Returns whether it was applied, the status before the call (None when
         the task does not exist) and the attempt number after the call.
         """
         allowed = " ".join(json.dumps(status.value) for status in allowed_from)
+        required = _encode(require or {})
+        required_args = [item for pair in required.items() for item in pair]
         field_args = [item for pair in _encode(fields).items() for item in pair]
         event = self._event_fields(event_type, task_id, payload or {}, attempt=None)
         event_args = [item for pair in event.items() for item in pair]
@@ -209,6 +224,8 @@ class TaskStore:
                 self.events_maxlen,
                 "1" if new_attempt else "0",
                 task_id,
+                len(required),
+                *required_args,
                 len(fields),
                 *field_args,
                 *event_args,

@@ -1,8 +1,8 @@
 """The benchmark entry point runs end to end with tiny counts.
 
 It starts a KSI bundle, plain Dramatiq and Celery workers, a bundle with the
-real CLI and the stand-in API, and the setups of the older bench scripts, so a
-change that breaks any of them shows up here rather than at the next full run.
+real CLI and the stand-in API, and the setups of the older bench scripts. A
+change that breaks any of them fails here rather than at the next full run.
 """
 
 from __future__ import annotations

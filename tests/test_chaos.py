@@ -383,7 +383,11 @@ def _run_chaos(
         "worker_lost_retries": worker_lost,
         "reaper_kills": _count_lines(bundle.home / "log" / "reaper.log", "Killed pid"),
         "attempts": dict(sorted(attempts.items())),
-        "lost": [t for t in task_ids if final.get(t) not in TERMINAL],
+        # Each with its last status: many "queued" tasks mean a slow host
+        # rather than a lost task.
+        "lost": [
+            f"{t} {final.get(t)}" for t in task_ids if final.get(t) not in TERMINAL
+        ],
         "unsubmitted_records": sorted(set(indexed) - submitted),
         "stuck_records": [t for t, s in all_statuses.items() if s not in TERMINAL],
         "duplicated_completions": [

@@ -175,7 +175,7 @@ def test_terminal_wait_and_cancel(terminal, cli_bundle):
     )
     code, screen = terminal.wait_exit(60)
     assert code == 5, screen
-    assert f"task {task_id} cancelled" in screen
+    assert f"task {task_id} ended cancelled: cancelled by request" in screen
 
 
 def test_terminal_wait_interrupted_exits_130(terminal, cli_bundle):
@@ -284,7 +284,7 @@ def test_plain_watch_prints_one_line_per_event(cli_bundle):
 @pytest.mark.parametrize(
     ("args", "code"),
     [
-        (("wait", "--timeout", "1", "{slow}"), 4),
+        (("wait", "--timeout", "1", "{slow}"), 7),
         (("status", "0123456789abcdef0123456789abcdef"), 6),
         (("submit", "--wait", "--json", "denied [stub:status=401]"), 1),
         (("watch", "--type", "lower-case", "--count", "1"), 6),

@@ -96,11 +96,11 @@ def test_idle_consumer_wakes_on_enqueue(broker: MaintainedRedisBroker) -> None:
 def test_busy_consumer_wakes_on_ack(broker: MaintainedRedisBroker) -> None:
     consumer = broker.consume(QUEUE, prefetch=1, timeout=LONG_TIMEOUT_MS)
     broker.enqueue(message(1))
-    held = next(consumer)
+    fetched = next(consumer)
     consumer.misses = MAX_MISSES
     thread, outcome = timed_next(consumer)
     time.sleep(0.3)  # the consumer now waits for a free slot
-    consumer.ack(held)
+    consumer.ack(fetched)
     thread.join(timeout=15)
 
     result, waited_s = outcome

@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import json
+import os
 import socket
+import subprocess
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -11,8 +14,11 @@ import pytest
 import redis
 
 from daemon.client import CommandError, DaemonClient
+from daemon.protocol import MAX_LINE_BYTES, MAX_PROMPT_BYTES
 from ksi_worker import keys
+from ksi_worker.lifecycle import EventType, TaskStatus
 from ksi_worker.queues import queue_depth
+from ksi_worker.store import TaskStore
 from tests.conftest import start_daemon, stop_daemon
 
 
@@ -140,7 +146,7 @@ def test_overlong_line_gets_error_then_close(daemon):
         sock.settimeout(10)
         sock.connect(str(daemon))
         try:
-            sock.sendall(b"x" * (3 * 1024 * 1024))
+            sock.sendall(b"x" * (MAX_LINE_BYTES + 1024))
         except (BrokenPipeError, ConnectionResetError):
             pass
         reply = json.loads(sock.makefile("rb").readline())
@@ -151,3 +157,53 @@ def test_overlong_line_gets_error_then_close(daemon):
 
 def test_socket_mode_is_owner_only(daemon):
     assert daemon.stat().st_mode & 0o777 == 0o600
+
+
+def test_transition_requires_fields_to_match(redis_server):
+    store = TaskStore(redis.Redis.from_url(redis_server))
+    store.create("t-require", {"prompt": "x"})
+    store.transition(
+        "t-require",
+        allowed_from=(TaskStatus.QUEUED,),
+        fields={"status": "running", "worker_id": "host:1"},
+        event_type=EventType.TASK_STARTED,
+        new_attempt=True,
+    )
+    stale, _, _ = store.transition(
+        "t-require",
+        allowed_from=(TaskStatus.RUNNING,),
+        fields={"status": "retrying"},
+        event_type=EventType.TASK_RETRYING,
+        require={"attempt": 1, "worker_id": "host:2"},
+    )
+    current, _, attempt = store.transition(
+        "t-require",
+        allowed_from=(TaskStatus.RUNNING,),
+        fields={"status": "retrying"},
+        event_type=EventType.TASK_RETRYING,
+        require={"attempt": 1, "worker_id": "host:1"},
+    )
+    assert stale is False
+    assert current is True
+    assert attempt == 1
+    assert store.get("t-require")["status"] == "retrying"
+
+
+def test_multibyte_prompt_near_limit_is_accepted(daemon):
+    prompt = "\N{GRINNING FACE}" * (MAX_PROMPT_BYTES // 4 - 10)
+    with DaemonClient(daemon) as client:
+        reply = client.request("QUEUE_TASK", prompt=prompt)
+    assert reply["status"] == "queued"
+
+
+def test_cli_rejects_oversized_prompt_with_limit(daemon):
+    env = {**os.environ, "KSI_HOME": str(daemon.parent.parent)}
+    done = subprocess.run(
+        [str(Path(sys.executable).parent / "ksi"), "submit", "-"],
+        input="x" * (MAX_PROMPT_BYTES + 1),
+        env=env,
+        capture_output=True,
+        text=True,
+    )
+    assert done.returncode == 6
+    assert str(MAX_PROMPT_BYTES) in done.stderr

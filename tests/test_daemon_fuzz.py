@@ -18,6 +18,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from daemon.client import DaemonClient
+from daemon.protocol import MAX_LINE_BYTES
 from tests.conftest import DaemonProcess, start_daemon, stop_daemon
 
 pytestmark = pytest.mark.timeout(300)
@@ -232,7 +233,7 @@ def test_oversized_lines_close_only_their_connection(fuzz_daemon, peak_rss):
             sock.settimeout(10)
             sock.connect(str(fuzz_daemon.socket))
             try:
-                sock.sendall(b"A" * (3 * 1024 * 1024))
+                sock.sendall(b"A" * (MAX_LINE_BYTES + 1024))
             except (BrokenPipeError, ConnectionResetError):
                 pass
     _assert_alive(fuzz_daemon)
