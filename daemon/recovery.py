@@ -3,7 +3,7 @@
 A worker killed mid-task cannot record anything. Dramatiq returns its
 unacknowledged message to the queue once the worker's broker heartbeat is
 older than ``KSI_BROKER_HEARTBEAT_TIMEOUT_S``, and the next attempt starts
-from there. Until then the task record would still say ``running``, so the
+from there. Until then the task record would still show ``running``, so the
 daemon checks every running task's worker: by pid and create time when the
 worker ran on this host, by its KSI heartbeat otherwise. A task whose worker
 is gone becomes ``retrying`` with the error class ``worker_lost``.

@@ -22,7 +22,7 @@ from .settings import Settings
 
 logger = logging.getLogger(__name__)
 
-#: Seconds a task waits before it asks again when the spend budget is used up.
+#: Seconds before a task held back by the spend budget is offered to a worker again.
 BUDGET_RECHECK_S = 60.0
 
 #: Seconds a spend bucket (one per minute) is kept.
