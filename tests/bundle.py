@@ -158,6 +158,22 @@ class Bundle:
                 pass
         return described
 
+    def finish(self) -> None:
+        """Stop the bundle, delete its KSI_HOME, and fail if a process is left."""
+        left = self.stop()
+        self.cleanup()
+        assert left == [], f"processes left after shutdown: {left}"
+
+    def submit(self, prompt: str, **params) -> str:
+        """Queue a task through the daemon socket and return its id."""
+        with self.client() as client:
+            return client.request("QUEUE_TASK", prompt=prompt, **params)["task_id"]
+
+    def record(self, task_id: str) -> dict:
+        """Return a task's record from TASK_STATUS."""
+        with self.client() as client:
+            return client.request("TASK_STATUS", task_id=task_id)
+
     def cleanup(self) -> None:
         """Delete KSI_HOME, unless KSI_TEST_KEEP_HOME=1 keeps it for debugging."""
         if os.environ.get("KSI_TEST_KEEP_HOME") != "1":

@@ -130,9 +130,7 @@ def bundle(stub_api, claude_bin) -> Iterator[Bundle]:
     """A running bundle with 2 workers and the real CLI against the stand-in."""
     started = start_bundle(stub_api, claude_bin)
     yield started
-    left = started.stop()
-    assert left == [], f"processes left after shutdown: {left}"
-    started.cleanup()
+    started.finish()
 
 
 @dataclass

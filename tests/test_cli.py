@@ -104,9 +104,7 @@ class Terminal:
 def cli_bundle(stub_api, claude_bin):
     started = start_bundle(stub_api, claude_bin)
     yield started
-    left = started.stop()
-    assert left == [], f"processes left after shutdown: {left}"
-    started.cleanup()
+    started.finish()
 
 
 @pytest.fixture

@@ -314,9 +314,7 @@ def test_daemon_stop_tells_subscribers(daemon):
 def events_bundle(stub_api, claude_bin):
     started = start_bundle(stub_api, claude_bin)
     yield started
-    left = started.stop()
-    assert left == [], f"processes left after shutdown: {left}"
-    started.cleanup()
+    started.finish()
 
 
 def _collect(client: DaemonClient, task_ids: set[str], done: set[str]) -> list[dict]:

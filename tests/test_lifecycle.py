@@ -39,25 +39,13 @@ def lifecycle_bundle(stub_api, claude_bin) -> Iterator[Bundle]:
         KSI_BROKER_MAINTENANCE_S="1",
     )
     yield started
-    left = started.stop()
-    assert left == [], f"processes left after shutdown: {left}"
-    started.cleanup()
-
-
-def _submit(bundle: Bundle, prompt: str, **params) -> str:
-    with bundle.client() as client:
-        return client.request("QUEUE_TASK", prompt=prompt, **params)["task_id"]
-
-
-def _record(bundle: Bundle, task_id: str) -> dict:
-    with bundle.client() as client:
-        return client.request("TASK_STATUS", task_id=task_id)
+    started.finish()
 
 
 def _wait_for(bundle: Bundle, task_id: str, states: set[str], timeout_s=90) -> dict:
     deadline = time.monotonic() + timeout_s
     while True:
-        record = _record(bundle, task_id)
+        record = bundle.record(task_id)
         if record["status"] in states:
             return record
         if time.monotonic() > deadline:
@@ -97,7 +85,7 @@ def _gone(task_id: str, timeout_s: float = 10) -> list[psutil.Process]:
 
 def test_rate_limit_then_success_retries_once(lifecycle_bundle):
     key = uuid.uuid4().hex
-    task_id = _submit(lifecycle_bundle, f"hi [stub:status=429,times=1,key={key}]")
+    task_id = lifecycle_bundle.submit(f"hi [stub:status=429,times=1,key={key}]")
     record = _wait_for(lifecycle_bundle, task_id, TERMINAL)
     assert record["status"] == "succeeded"
     assert record["attempt"] == 2
@@ -118,21 +106,21 @@ def test_rate_limit_then_success_retries_once(lifecycle_bundle):
 
 
 def test_auth_failure_is_not_retried_and_dead_lettered(lifecycle_bundle):
-    task_id = _submit(lifecycle_bundle, "hi [stub:status=401]")
+    task_id = lifecycle_bundle.submit("hi [stub:status=401]")
     record = _wait_for(lifecycle_bundle, task_id, TERMINAL)
     assert record["status"] == "failed"
     assert record["attempt"] == 1
     assert record["error_class"] == "authentication"
     assert "HTTP 401" in record["error"]
     time.sleep(1)
-    assert _record(lifecycle_bundle, task_id)["attempt"] == 1
+    assert lifecycle_bundle.record(task_id)["attempt"] == 1
     done = lifecycle_bundle.ksi("dlq", "list", "--json")
     letters = json.loads(done.stdout)["dead_letters"]
     assert task_id in [letter["task_id"] for letter in letters]
 
 
 def test_dead_letter_replay_keeps_id_and_history(lifecycle_bundle):
-    task_id = _submit(lifecycle_bundle, "hi [stub:status=400]")
+    task_id = lifecycle_bundle.submit("hi [stub:status=400]")
     _wait_for(lifecycle_bundle, task_id, TERMINAL)
     replayed = lifecycle_bundle.ksi("dlq", "retry", "--json", task_id)
     assert replayed.returncode == 0, replayed.stderr
@@ -147,18 +135,18 @@ def test_dead_letter_replay_keeps_id_and_history(lifecycle_bundle):
 
 
 def test_dead_letter_purge(lifecycle_bundle):
-    task_id = _submit(lifecycle_bundle, "hi [stub:status=403]")
+    task_id = lifecycle_bundle.submit("hi [stub:status=403]")
     _wait_for(lifecycle_bundle, task_id, TERMINAL)
     purged = json.loads(lifecycle_bundle.ksi("dlq", "purge", "--json").stdout)
     assert purged["purged"] >= 1
     letters = json.loads(lifecycle_bundle.ksi("dlq", "list", "--json").stdout)
     assert letters["dead_letters"] == []
-    assert _record(lifecycle_bundle, task_id)["status"] == "failed"
+    assert lifecycle_bundle.record(task_id)["status"] == "failed"
 
 
 def test_slow_reply_past_time_limit_times_out(lifecycle_bundle):
     started = time.monotonic()
-    task_id = _submit(lifecycle_bundle, "hi [stub:slow=60]", timeout_s=3)
+    task_id = lifecycle_bundle.submit("hi [stub:slow=60]", timeout_s=3)
     record = _wait_for(lifecycle_bundle, task_id, TERMINAL)
     assert record["status"] == "timed_out"
     assert 3 <= record["elapsed_s"] < 3 + 2 + 5
@@ -170,8 +158,8 @@ def test_slow_reply_past_time_limit_times_out(lifecycle_bundle):
 
 
 def test_background_tool_process_is_killed_after_task(lifecycle_bundle):
-    task_id = _submit(
-        lifecycle_bundle, f"go [stub:bash={ESCAPING_SLEEP}]", allowed_tools=["Bash"]
+    task_id = lifecycle_bundle.submit(
+        f"go [stub:bash={ESCAPING_SLEEP}]", allowed_tools=["Bash"]
     )
     record = _wait_for(lifecycle_bundle, task_id, TERMINAL)
     assert record["status"] == "succeeded"
@@ -180,10 +168,10 @@ def test_background_tool_process_is_killed_after_task(lifecycle_bundle):
 
 
 def test_cancel_queued_and_running(lifecycle_bundle):
-    blockers = [_submit(lifecycle_bundle, "block [stub:slow=60]") for _ in range(2)]
+    blockers = [lifecycle_bundle.submit("block [stub:slow=60]") for _ in range(2)]
     for task_id in blockers:
         _wait_for(lifecycle_bundle, task_id, {"running"})
-    queued = _submit(lifecycle_bundle, "never runs")
+    queued = lifecycle_bundle.submit("never runs")
 
     reply = lifecycle_bundle.ksi("cancel", "--json", queued)
     assert json.loads(reply.stdout)["status"] == "cancelled"
@@ -202,13 +190,13 @@ def test_cancel_queued_and_running(lifecycle_bundle):
     assert again.returncode == 6
     assert "already ended cancelled" in again.stderr
     time.sleep(1.5)
-    assert _record(lifecycle_bundle, queued)["status"] == "cancelled"
+    assert lifecycle_bundle.record(queued)["status"] == "cancelled"
     types = [event for event, _, _ in _events(lifecycle_bundle, queued)]
     assert "TASK_STARTED" not in types
 
 
 def test_worker_killed_mid_task_runs_again(lifecycle_bundle):
-    task_id = _submit(lifecycle_bundle, "crash [stub:slow=4]")
+    task_id = lifecycle_bundle.submit("crash [stub:slow=4]")
     running = _wait_for(lifecycle_bundle, task_id, {"running"})
     worker = psutil.Process(running["worker_pid"])
     killed_at = time.monotonic()
@@ -228,7 +216,7 @@ def test_worker_killed_mid_task_runs_again(lifecycle_bundle):
 
 
 def test_redis_restart_loses_no_queued_task(lifecycle_bundle):
-    task_ids = [_submit(lifecycle_bundle, f"q{n} [stub:slow=0.3]") for n in range(20)]
+    task_ids = [lifecycle_bundle.submit(f"q{n} [stub:slow=0.3]") for n in range(20)]
     restart = lifecycle_bundle.ctl("restart", "ksi:redis")
     assert restart.returncode == 0, restart.stdout + restart.stderr
     started = time.monotonic()
@@ -257,10 +245,10 @@ def test_idempotent_resubmission(lifecycle_bundle):
 
 def test_resume_continues_session(lifecycle_bundle):
     first = _wait_for(
-        lifecycle_bundle, _submit(lifecycle_bundle, "remember 42"), TERMINAL
+        lifecycle_bundle, lifecycle_bundle.submit("remember 42"), TERMINAL
     )
     session_id = first["claude_session_id"]
-    follow = _submit(lifecycle_bundle, "what number?", session_id=session_id)
+    follow = lifecycle_bundle.submit("what number?", session_id=session_id)
     record = _wait_for(lifecycle_bundle, follow, TERMINAL)
     assert record["status"] == "succeeded", record.get("error")
     assert record["claude_session_id"] == session_id
@@ -268,7 +256,7 @@ def test_resume_continues_session(lifecycle_bundle):
 
 
 def test_resume_unknown_session_fails_at_once(lifecycle_bundle):
-    task_id = _submit(lifecycle_bundle, "hello", session_id=str(uuid.uuid4()))
+    task_id = lifecycle_bundle.submit("hello", session_id=str(uuid.uuid4()))
     record = _wait_for(lifecycle_bundle, task_id, TERMINAL)
     assert record["status"] == "failed"
     assert record["error_class"] == "session_not_found"
@@ -277,8 +265,7 @@ def test_resume_unknown_session_fails_at_once(lifecycle_bundle):
 
 
 def test_worker_that_dies_every_attempt_is_dead_lettered(lifecycle_bundle):
-    task_id = _submit(
-        lifecycle_bundle,
+    task_id = lifecycle_bundle.submit(
         "die [stub:bash=kill -9 $KSI_WORKER_PID]",
         allowed_tools=["Bash"],
         max_retries=1,
@@ -291,12 +278,12 @@ def test_worker_that_dies_every_attempt_is_dead_lettered(lifecycle_bundle):
 
 
 def test_stop_worker_drains_short_task(lifecycle_bundle):
-    task_id = _submit(lifecycle_bundle, "short [stub:slow=3]")
+    task_id = lifecycle_bundle.submit("short [stub:slow=3]")
     record = _wait_for(lifecycle_bundle, task_id, {"running"})
     name = _program_of(lifecycle_bundle, record["worker_pid"])
     stopped = lifecycle_bundle.ctl("stop", name)
     assert "stopped" in stopped.stdout
-    final = _record(lifecycle_bundle, task_id)
+    final = lifecycle_bundle.record(task_id)
     assert final["status"] == "succeeded"
     assert final["attempt"] == 1
     lifecycle_bundle.ctl("start", name)
@@ -305,7 +292,7 @@ def test_stop_worker_drains_short_task(lifecycle_bundle):
 
 def test_stop_worker_hands_back_long_task(lifecycle_bundle):
     # KSI_STOP_WAIT_S=20 and KSI_KILL_GRACE_S=2 leave a drain window of 8 s.
-    task_id = _submit(lifecycle_bundle, "long [stub:slow=120]", timeout_s=300)
+    task_id = lifecycle_bundle.submit("long [stub:slow=120]", timeout_s=300)
     record = _wait_for(lifecycle_bundle, task_id, {"running"})
     name = _program_of(lifecycle_bundle, record["worker_pid"])
     stopped = lifecycle_bundle.ctl("stop", name)
@@ -352,27 +339,24 @@ def throttled_bundle(stub_api, claude_bin) -> Iterator[Bundle]:
         KSI_BUDGET_USD_PER_HOUR="0",
     )
     yield started
-    left = started.stop()
-    assert left == [], f"processes left after shutdown: {left}"
-    started.cleanup()
+    started.finish()
 
 
 def test_agent_rate_limit_holds_tasks_in_queue(throttled_bundle):
     task_ids = [
-        _submit(throttled_bundle, f"agent task {n}", agent_id="runaway")
-        for n in range(4)
+        throttled_bundle.submit(f"agent task {n}", agent_id="runaway") for n in range(4)
     ]
     done = [_wait_for(throttled_bundle, t, TERMINAL) for t in task_ids[:2]]
     assert [r["status"] for r in done] == ["succeeded", "succeeded"]
     time.sleep(2)
-    waiting = [_record(throttled_bundle, t) for t in task_ids[2:]]
+    waiting = [throttled_bundle.record(t) for t in task_ids[2:]]
     assert [r["status"] for r in waiting] == ["queued", "queued"]
     assert all("rate limit" in r["waiting_reason"] for r in waiting)
     with throttled_bundle.client() as client:
         health = client.request("HEALTH_CHECK")
     assert any("runaway" in problem for problem in health["problems"])
     other = _wait_for(
-        throttled_bundle, _submit(throttled_bundle, "other agent"), TERMINAL
+        throttled_bundle, throttled_bundle.submit("other agent"), TERMINAL
     )
     assert other["status"] == "succeeded"
 
@@ -380,12 +364,12 @@ def test_agent_rate_limit_holds_tasks_in_queue(throttled_bundle):
 def test_spend_budget_holds_tasks_in_queue(stub_api, claude_bin):
     bundle = start_bundle(stub_api, claude_bin, KSI_BUDGET_USD_PER_HOUR="0.01")
     try:
-        first = _wait_for(bundle, _submit(bundle, "costly"), TERMINAL)
+        first = _wait_for(bundle, bundle.submit("costly"), TERMINAL)
         assert first["status"] == "succeeded"
         assert first["cost_usd"] > 0.01
-        second = _submit(bundle, "waits")
+        second = bundle.submit("waits")
         time.sleep(3)
-        record = _record(bundle, second)
+        record = bundle.record(second)
         assert record["status"] == "queued"
         assert record["waiting_reason"].startswith("budget")
         with bundle.client() as client:
@@ -398,8 +382,8 @@ def test_spend_budget_holds_tasks_in_queue(stub_api, claude_bin):
 
 
 def test_env_of_worker_is_not_passed_to_claude(lifecycle_bundle):
-    task_id = _submit(
-        lifecycle_bundle, "env [stub:bash=env | sort]", allowed_tools=["Bash"]
+    task_id = lifecycle_bundle.submit(
+        "env [stub:bash=env | sort]", allowed_tools=["Bash"]
     )
     record = _wait_for(lifecycle_bundle, task_id, TERMINAL)
     assert record["status"] == "succeeded"

@@ -580,19 +580,7 @@ def reaper_bundle(stub_api, claude_bin) -> Iterator[Bundle]:
         stub_api, claude_bin, KSI_REAPER_INTERVAL_S=str(BUNDLE_INTERVAL_S)
     )
     yield started
-    left = started.stop()
-    assert left == [], f"processes left after shutdown: {left}"
-    started.cleanup()
-
-
-def _submit(bundle: Bundle, prompt: str, **params) -> str:
-    with bundle.client() as client:
-        return client.request("QUEUE_TASK", prompt=prompt, **params)["task_id"]
-
-
-def _record(bundle: Bundle, task_id: str) -> dict:
-    with bundle.client() as client:
-        return client.request("TASK_STATUS", task_id=task_id)
+    started.finish()
 
 
 def _tool_sleep(task_id: str) -> list[psutil.Process]:
@@ -613,10 +601,10 @@ def _reaper_log(bundle: Bundle) -> str:
 @pytest.mark.bundle
 def test_killed_worker_tree_is_reaped(reaper_bundle, spawn):
     bundle = reaper_bundle
-    doomed = _submit(
-        bundle, "doomed [stub:bash=sleep 120]", allowed_tools=["Bash"], max_retries=0
+    doomed = bundle.submit(
+        "doomed [stub:bash=sleep 120]", allowed_tools=["Bash"], max_retries=0
     )
-    survivor = _submit(bundle, "lives [stub:bash=sleep 60]", allowed_tools=["Bash"])
+    survivor = bundle.submit("lives [stub:bash=sleep 60]", allowed_tools=["Bash"])
     decoy = spawn(["sleep", "300"])
     for task_id in (doomed, survivor):
         _wait_until(lambda t=task_id: _tool_sleep(t), 60, f"no sleep for {task_id}")
@@ -654,18 +642,18 @@ def test_killed_worker_tree_is_reaped(reaper_bundle, spawn):
     with bundle.client() as client:
         client.request("CANCEL_TASK", task_id=survivor)
     _wait_until(
-        lambda: _record(bundle, survivor)["status"] == "cancelled", 30, "no cancel"
+        lambda: bundle.record(survivor)["status"] == "cancelled", 30, "no cancel"
     )
 
 
 @pytest.mark.bundle
 def test_leftovers_of_finished_task_are_reaped(reaper_bundle):
     bundle = reaper_bundle
-    task_id = _submit(bundle, "quick")
+    task_id = bundle.submit("quick")
     _wait_until(
-        lambda: _record(bundle, task_id)["status"] == "succeeded", 60, "no success"
+        lambda: bundle.record(task_id)["status"] == "succeeded", 60, "no success"
     )
-    worker_pid = _record(bundle, task_id)["worker_pid"]
+    worker_pid = bundle.record(task_id)["worker_pid"]
     env = _marker_env(str(Path(bundle.home).resolve()), task_id, worker_pid=worker_pid)
     # The middle bash exits at once; its two sleeps stay, with the marker.
     started = subprocess.run(
@@ -691,4 +679,4 @@ def test_leftovers_of_finished_task_are_reaped(reaper_bundle):
     for pid in pids:
         line = f"Killed pid {pid} (sleep) of task {task_id} attempt 1: task_not_running"
         _wait_until(lambda n=line: n in _reaper_log(bundle), 5, f"no log: {line}")
-    assert _record(bundle, task_id)["status"] == "succeeded"
+    assert bundle.record(task_id)["status"] == "succeeded"
