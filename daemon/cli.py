@@ -1,10 +1,13 @@
 """``ksi``: the command-line client of the daemon.
 
-Exit codes: 0 success, 1 the task failed, 2 invalid usage, 3 the daemon is
-unreachable, 4 the task timed out, 5 the task was cancelled, 6 the daemon
-rejected the request, 7 ``--timeout`` of ``wait`` ran out while the task goes
-on, 8 ``health`` found the bundle unhealthy. 130: Ctrl-C interrupted the wait,
-and the task goes on.
+Exit codes:
+
+- 0 success, 1 the task failed, 2 invalid usage, 3 the daemon is unreachable;
+- 4 the task timed out, 5 the task was cancelled, 6 the daemon rejected the
+  request;
+- 7 ``--timeout`` of ``wait`` ran out while the task goes on, 8 ``health``
+  found the bundle unhealthy;
+- 130 Ctrl-C interrupted the wait, and the task goes on.
 """
 
 from __future__ import annotations
@@ -170,7 +173,7 @@ def main() -> None:
 @main.command()
 @click.argument("prompt")
 @click.option(
-    "--wait", is_flag=True, help="Wait for the task to end and print its answer."
+    "--wait", is_flag=True, help="Wait for the task to end and print its result."
 )
 @click.option("--model", help="Claude model of this task (default: KSI_MODEL).")
 @click.option(
@@ -280,7 +283,7 @@ def status(task_id: str, as_json: bool) -> None:
 @click.option("--timeout", type=float, help="Give up after this many seconds.")
 @click.option("--json", "as_json", is_flag=True, help="Print the final record as JSON.")
 def wait(task_id: str, timeout: float | None, as_json: bool) -> None:
-    """Wait for task TASK_ID to end and print its answer."""
+    """Wait for task TASK_ID to end and print its result."""
     live = not as_json and _is_terminal()
     _report(_wait(task_id, timeout, live=live), as_json)
 
@@ -439,7 +442,13 @@ def dlq() -> None:
 
 
 @dlq.command(name="list")
-@click.option("--limit", type=int, default=100, show_default=True, help="Most shown.")
+@click.option(
+    "--limit",
+    type=int,
+    default=100,
+    show_default=True,
+    help="Maximum number of dead letters listed.",
+)
 @click.option("--json", "as_json", is_flag=True, help="Print the dead letters as JSON.")
 def dlq_list(limit: int, as_json: bool) -> None:
     """List dead-lettered tasks, newest first."""
@@ -485,7 +494,7 @@ def dlq_purge(as_json: bool) -> None:
 def reap(dry_run: bool, as_json: bool) -> None:
     """Run one reaper pass: kill Claude processes that no live task owns.
 
-    The pass runs in this process against KSI_REDIS_URL, so it sees only the
+    The pass runs in this process against KSI_REDIS_URL, so it finds only the
     processes whose environment this user may read.
     """
     # Imported here so that the other commands start without psutil and redis.

@@ -15,7 +15,7 @@ class DaemonUnavailable(Exception):
 
 
 class CommandError(Exception):
-    """The daemon answered a request with an error reply."""
+    """The daemon replied to a request with an error."""
 
     def __init__(self, code: str, message: str) -> None:
         super().__init__(f"{code}: {message}")
@@ -58,7 +58,7 @@ class DaemonClient:
             self.sock.sendall(line.encode("utf-8", errors="surrogatepass") + b"\n")
         except (BrokenPipeError, ConnectionResetError):
             # The daemon may close a connection whose line is too long before
-            # reading all of it; its reply, if any, says why.
+            # reading all of it; its error reply, if any, gives the reason.
             pass
         reply = self.read_reply()
         if reply.get("status") != "ok":

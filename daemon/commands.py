@@ -82,7 +82,7 @@ class Commands:
 
     async def queue_task(self, params: dict[str, Any]) -> dict[str, Any]:
         fields = validate_task_params(params)
-        # Record the defaults in force now, so the record says what ran.
+        # Record the defaults in force now, so the record shows what ran.
         fields.setdefault("model", self.settings.model)
         fields.setdefault("timeout_s", self.settings.task_timeout_s)
         depth = await asyncio.to_thread(
@@ -331,7 +331,7 @@ class Commands:
         return redis_info, live_workers(client), depth, self._throttles(client)
 
     def _throttles(self, client: redis.Redis) -> list[str]:
-        """Describe each limit that holds tasks back right now."""
+        """Describe each limit that keeps tasks waiting right now."""
         reasons = []
         budget = self.settings.budget_usd_per_hour
         if budget > 0:

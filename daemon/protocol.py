@@ -40,7 +40,7 @@ MODEL_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:\[\]-]{0,127}$")
 TOOL_PATTERN = re.compile(r"^[A-Za-z][A-Za-z0-9_-]{0,127}(\([^()\n]{0,512}\))?$")
 ID_PATTERN = re.compile(r"^[A-Za-z0-9_.:-]{1,128}$")
 
-#: What each pattern accepts, in words for error messages.
+#: Description of the values each pattern accepts, for error messages.
 FORMAT_HINTS = {
     MODEL_PATTERN.pattern: (
         "a model name or alias such as 'sonnet' or 'claude-sonnet-4-5': "

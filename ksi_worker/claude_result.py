@@ -52,7 +52,7 @@ TEXT_CLASSES: tuple[tuple[re.Pattern[str], str, bool], ...] = (
 class Outcome:
     """The decision about one CLI run.
 
-    ``error_class`` is None on success. ``retryable`` says whether running the
+    ``error_class`` is None on success. ``retryable`` tells whether running the
     task again may succeed.
     """
 

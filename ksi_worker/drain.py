@@ -1,10 +1,11 @@
 """Graceful worker shutdown: let running tasks finish, then hand them back.
 
-Dramatiq's ShutdownNotifications raises in the actor's thread at the first
-SIGTERM, which would cut every task short. Instead, this middleware records
-when shutdown began, and the runner stops a task that is still running after
-the drain window (``KSI_STOP_WAIT_S`` less the kill grace and a margin); the
-task's tree is killed and its message goes back to the queue.
+Dramatiq's ShutdownNotifications raises in the thread of an actor declared
+with ``notify_shutdown`` at the first SIGTERM, which would cut every task
+short, so the actor does not ask for it. Instead, this middleware records when
+shutdown began. The runner stops a task that is still running after the drain
+window, ``KSI_STOP_WAIT_S`` less the kill grace and a margin. Then the task's
+tree is killed and its message goes back to the queue.
 """
 
 from __future__ import annotations

@@ -24,7 +24,7 @@ DEFAULT_QUEUE = "claude"
 
 
 class SettingsError(ValueError):
-    """An environment variable holds a value the bundle cannot use."""
+    """An environment variable contains a value the bundle cannot use."""
 
 
 def _env_int(name: str, default: int, *, minimum: int = 0) -> int:
@@ -69,7 +69,7 @@ class Settings:
         own Redis on the unix socket ``KSI_HOME/run/redis.sock``.
       workers: Worker processes under supervisord (``KSI_WORKERS``, default 2).
       worker_threads: Threads per worker process (``KSI_WORKER_THREADS``,
-        default 1). Each running CLI holds about 290 MB.
+        default 1). Each running CLI uses about 290 MB.
       claude_bin: Claude CLI executable (``KSI_CLAUDE_BIN``, default the pinned
         one in ``node_modules``).
       model: Default model of a task (``KSI_MODEL``, default ``sonnet``).

@@ -23,12 +23,15 @@ from .lifecycle import EventType, TaskStatus
 logger = logging.getLogger(__name__)
 
 # KEYS: task hash, event stream, index of running tasks.
-# ARGV: allowed current statuses (space-separated JSON strings), stream maxlen,
-#       1 to increment the attempt counter, the task id, number of required
-#       field pairs, the required pairs (field, JSON value that it must hold),
-#       number of field pairs, the field pairs, then the event's field pairs.
-#       The event's "attempt" field is filled in here so it always matches the
-#       record.
+# ARGV, in order:
+#   - allowed current statuses (space-separated JSON strings);
+#   - stream maxlen;
+#   - 1 to increment the attempt counter;
+#   - the task id;
+#   - number of required field pairs, then those pairs (field, JSON value);
+#   - number of field pairs to write, then those pairs;
+#   - the event's field pairs.
+# The event's "attempt" field is filled in here, so it matches the record.
 _TRANSITION_LUA = """
 local current = redis.call('HGET', KEYS[1], 'status')
 if not current then

@@ -126,7 +126,7 @@ def test_random_bytes_get_a_reply(fuzz_daemon, peak_rss, payload):
     line = Line(fuzz_daemon.socket)
     try:
         _assert_reply_shape(line.ask(payload))
-        # The same connection still answers a valid request.
+        # The same connection still serves a valid request.
         assert line.ask(b'{"command": "HEALTH_CHECK"}')["status"] == "ok"
     finally:
         line.close()
